@@ -1,0 +1,36 @@
+# `make test` and `make demo` set up everything they need on a fresh machine (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch pair installed first (ENVIRONMENT.md); override on a GPU machine, e.g. TORCH_SPEC="torch torchvision".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.qalign-kvq-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: test demo env ffmpeg clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test,logging]'
+	touch $(STAMP)
+
+ffmpeg:
+	@command -v ffmpeg >/dev/null 2>&1 || { \
+	  echo "installing ffmpeg (apt)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg) >/dev/null || \
+	  { echo "could not install ffmpeg: run 'apt-get install ffmpeg' (needs root)"; exit 1; }; }
+
+test: $(STAMP) ffmpeg
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP) ffmpeg
+	@echo "make demo: not built yet (issue 7). It will build a small real-content KVQ-like set,"
+	@echo "fine-tune a tiny model on CPU with 'accelerate launch recipes/finetune.py', evaluate it"
+	@echo "with the challenge metrics and score one video with 'python -m qalign_kvq.infer'."
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Fixtures for tiny offline models (owned by the model-family work)."""

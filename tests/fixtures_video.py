@@ -1,0 +1,1 @@
+"""Fixtures for real video files (owned by the video-input work)."""
