@@ -1,0 +1,73 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers-native).
+
+Frames are chosen by qalign-kvq (``qalign_kvq.video``), never by the processor: the clip is passed
+as pre-decoded frames with ``do_sample_frames=False``. The vision tower merges frames in temporal
+patches of 2; a clip with an odd number of frames gets its last frame repeated by the video
+processor (so 7 frames cost as much as 8). Keep frame counts even to avoid the duplicate.
+
+Qwen3-VL writes a ``<t seconds>`` timestamp before every temporal patch, computed from
+``video_metadata``; the adapter passes metadata saying that frame ``i`` was taken at ``i / clip_fps``
+seconds (``clip_fps``: the rate of the frames as sampled, 2 by default, Qwen3-VL's own sampling rate).
+
+LoRA targets ``q_proj/k_proj/v_proj/o_proj``: in these models only the language model has modules
+by those names (the vision blocks use ``qkv``/``proj``), so LoRA touches the language model only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from qalign_kvq.families.base import Family
+
+
+class _QwenVLFamily(Family):
+    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    vision_prefixes = ("model.visual.blocks.", "model.visual.patch_embed.", "model.visual.pos_embed.")
+    projector_prefixes = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
+    language_prefixes = ("model.language_model.", "lm_head.")
+
+    def _video_kwargs(self, videos: list[np.ndarray]) -> dict[str, Any]:
+        return {"do_sample_frames": False}
+
+    def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        images = [clip[0] for clip in clips if clip.shape[0] == 1]
+        videos = [clip for clip in clips if clip.shape[0] > 1]
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = videos
+            kwargs.update(self._video_kwargs(videos))
+        return dict(processor(**kwargs))
+
+
+class Qwen2VLFamily(_QwenVLFamily):
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+
+
+class Qwen25VLFamily(_QwenVLFamily):
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+
+
+class Qwen3VLFamily(_QwenVLFamily):
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+
+    def __init__(self, clip_fps: float = 2.0) -> None:
+        if not clip_fps > 0:
+            raise ValueError(f"clip_fps must be positive, got {clip_fps}")
+        self.clip_fps = float(clip_fps)
+
+    def _video_kwargs(self, videos: list[np.ndarray]) -> dict[str, Any]:
+        metadata = [
+            {"fps": self.clip_fps, "total_num_frames": len(video), "frames_indices": list(range(len(video))),
+             "duration": len(video) / self.clip_fps}
+            for video in videos
+        ]
+        return {"do_sample_frames": False, "video_metadata": metadata}

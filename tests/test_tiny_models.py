@@ -1,0 +1,61 @@
+"""The offline tiny-model builder: deterministic, loadable with the Auto classes, CLI layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qalign_kvq.levels import LEVEL_WORDS
+from tests.fixtures_models import load_builder
+
+torch.set_num_threads(1)
+builder = load_builder()
+NATIVE = [f for f in builder.FAMILIES if f != "mplug_owl2"]
+
+
+@pytest.mark.parametrize("family", NATIVE)
+def test_builder_is_deterministic(family, tmp_path, tiny_models):
+    again = builder.build_tiny_model(family, tmp_path)
+    first = tiny_models(family)
+    assert again == tmp_path / family
+    a, b = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (first / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("family", NATIVE)
+def test_tiny_model_loads_with_auto_classes(family, tiny_models):
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny_models(family)
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    text = config.get_text_config()
+    assert (text.hidden_size, text.num_hidden_layers) == (64, 2)
+    assert text.vocab_size == len(processor.tokenizer)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert processor.tokenizer.chat_template
+    for word in LEVEL_WORDS:
+        assert len(processor.tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_cli_builds_one_directory_per_family(tmp_path, capsys):
+    assert builder.main(["--out", str(tmp_path), "--family", "qwen2_vl", "--family", "internvl"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["internvl", "qwen2_vl"]
+    for family in ("qwen2_vl", "internvl"):
+        assert (tmp_path / family / "model.safetensors").is_file()
+        assert json.loads((tmp_path / family / "config.json").read_text())["model_type"] == family
+    assert "qwen2_vl: " in capsys.readouterr().out
+
+
+def test_unknown_family_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown family 'nope'"):
+        builder.build_tiny_model("nope", tmp_path)
+    with pytest.raises(SystemExit):
+        builder.main(["--out", str(tmp_path), "--family", "nope"])
