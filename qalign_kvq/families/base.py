@@ -97,6 +97,10 @@ class Family:
             raise ValueError(f"{self.name}: the chat template does not render the answer after the prompt")
         return prompt, full
 
+    def answer_head(self, prompt: str) -> str:
+        """The prompt up to where the trained answer starts (``labels`` cover the rest of ``full``)."""
+        return prompt[: -len(ANSWER_PREFIX)]
+
     def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """Run the processor on texts and clips (images when ``T == 1``); returns every key."""
         images = [clip[0] for clip in clips if clip.shape[0] == 1]
@@ -129,7 +133,7 @@ class Family:
         heads, fulls, suffix_lens, answer_lens = [], [], [], []
         for clip, question, word in zip(clips, questions, words):
             prompt, full = self.chat_texts(processor, question, clip, word)
-            head = prompt[: -len(ANSWER_PREFIX)]
+            head = self.answer_head(prompt)
             ids_head = _text_ids(tokenizer, head)
             ids_prompt = _text_ids(tokenizer, prompt)
             ids_full = _text_ids(tokenizer, full)
