@@ -1,0 +1,247 @@
+"""Annotation tables: KVQ-style CSV (``filename,score[,std]``) and JSONL -> ``datasets.Dataset``.
+
+Video paths are relative to a video root and may not escape it. :func:`check_videos` finds every
+row whose file is missing or unreadable *before* training starts and reports them all at once.
+:func:`add_levels` assigns the five Q-Align levels with equal-width bins (optionally soft labels).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from qalign_kvq.levels import LEVEL_WORDS, LevelScale, balanced_indices, soft_label
+
+#: Column names accepted for the video file and the score in CSV headers and JSONL records.
+FILE_KEYS = ("filename", "video", "path", "file")
+SCORE_KEYS = ("score", "mos")
+STD_KEYS = ("std", "mos_std", "score_std")
+
+
+class AnnotationError(ValueError):
+    """A problem with an annotation file or its rows; the message names the file and the reason."""
+
+
+class UnsafePathError(AnnotationError):
+    """A video path that points outside the video root."""
+
+
+class MissingVideosError(AnnotationError):
+    """Rows whose video file is missing or unreadable (all of them, listed)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]], shown: int = 20):
+        self.source = source
+        self.problems = problems
+        lines = [f"  {name}: {reason}" for name, reason in problems[:shown]]
+        if len(problems) > shown:
+            lines.append(f"  ... and {len(problems) - shown} more")
+        super().__init__(f"{source}: {len(problems)} rows have a missing or unreadable video:\n" + "\n".join(lines))
+
+
+def resolve_video_path(video_root: str | os.PathLike, filename: str) -> Path:
+    """``video_root / filename``, refusing absolute paths and ``..`` that leave the root
+    (symbolic links are resolved before the check)."""
+    if not filename or not str(filename).strip():
+        raise AnnotationError("empty video filename")
+    root = Path(video_root).resolve()
+    candidate = (root / filename).resolve()
+    if candidate != root and root not in candidate.parents:
+        raise UnsafePathError(f"{filename}: path escapes the video root {root}")
+    return candidate
+
+
+def _pick(keys: Sequence[str], names: Sequence[str], what: str, source: str, required: bool = True) -> str | None:
+    lowered = {name.strip().lower(): name for name in names}
+    for key in keys:
+        if key in lowered:
+            return lowered[key]
+    if required:
+        raise AnnotationError(f"{source}: no {what} column (expected one of {', '.join(keys)}; found {list(names)})")
+    return None
+
+
+def _number(value, source: str, where: str, what: str, allow_empty: bool = False) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if allow_empty:
+            return None
+        raise AnnotationError(f"{source}: {where}: empty {what}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AnnotationError(f"{source}: {where}: {what} {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise AnnotationError(f"{source}: {where}: {what} {value!r} is not finite")
+    return number
+
+
+def _build(rows: list[dict], source: str, video_root: str | os.PathLike, require_scores: bool) -> datasets.Dataset:
+    if not rows:
+        raise AnnotationError(f"{source}: no rows")
+    seen: dict[str, str] = {}
+    for row in rows:
+        if row["filename"] in seen:
+            raise AnnotationError(f"{source}: {row.pop('_where')}: duplicate filename {row['filename']!r}")
+        seen[row["filename"]] = row.pop("_where")
+        row["path"] = str(resolve_video_path(video_root, row["filename"]))
+        if require_scores and row["score"] is None:
+            raise AnnotationError(f"{source}: {seen[row['filename']]}: empty score")
+    if not any(row["std"] is not None for row in rows):
+        for row in rows:
+            del row["std"]
+    return datasets.Dataset.from_list(rows)
+
+
+def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike, require_scores: bool = True) -> datasets.Dataset:
+    """A KVQ-style CSV (header ``filename,score`` and optionally ``std``) -> Dataset with columns
+    ``filename``, ``score``, [``std``], ``path`` (absolute, inside ``video_root``)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            file_key = _pick(FILE_KEYS, header, "filename", source)
+            score_key = _pick(SCORE_KEYS, header, "score", source)
+            std_key = _pick(STD_KEYS, header, "std", source, required=False)
+            rows = []
+            for line, record in enumerate(reader, start=2):
+                where = f"line {line}"
+                name = (record.get(file_key) or "").strip()
+                if not name:
+                    raise AnnotationError(f"{source}: {where}: empty filename")
+                rows.append({
+                    "filename": name,
+                    "score": _number(record.get(score_key), source, where, "score", allow_empty=True),
+                    "std": _number(record.get(std_key), source, where, "std", allow_empty=True) if std_key else None,
+                    "_where": where,
+                })
+    except FileNotFoundError:
+        raise AnnotationError(f"{source}: annotation file not found") from None
+    return _build(rows, source, video_root, require_scores)
+
+
+def read_jsonl_table(path: str | os.PathLike, video_root: str | os.PathLike, require_scores: bool = True) -> datasets.Dataset:
+    """JSON lines, one object per video: ``{"filename"|"video": ..., "score"|"mos": ..., "std": ...}``."""
+    path = Path(path)
+    source = str(path)
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise AnnotationError(f"{source}: annotation file not found") from None
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        where = f"line {number}"
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AnnotationError(f"{source}: {where}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise AnnotationError(f"{source}: {where}: expected a JSON object")
+        file_key = _pick(FILE_KEYS, list(record), "filename", f"{source}: {where}")
+        score_key = _pick(SCORE_KEYS, list(record), "score", f"{source}: {where}", required=require_scores)
+        std_key = _pick(STD_KEYS, list(record), "std", source, required=False)
+        name = str(record[file_key]).strip()
+        if not name:
+            raise AnnotationError(f"{source}: {where}: empty filename")
+        rows.append({
+            "filename": name,
+            "score": _number(record.get(score_key), source, where, "score", allow_empty=True) if score_key else None,
+            "std": _number(record.get(std_key), source, where, "std", allow_empty=True) if std_key else None,
+            "_where": where,
+        })
+    return _build(rows, source, video_root, require_scores)
+
+
+def read_table(path: str | os.PathLike, video_root: str | os.PathLike, require_scores: bool = True) -> datasets.Dataset:
+    """CSV or JSONL by extension (``.jsonl``/``.json`` -> JSONL, anything else -> CSV)."""
+    if str(path).lower().endswith((".jsonl", ".json")):
+        return read_jsonl_table(path, video_root, require_scores)
+    return read_csv_table(path, video_root, require_scores)
+
+
+def check_videos(table: datasets.Dataset, source: str = "annotations", readable: bool = True) -> None:
+    """Raise :class:`MissingVideosError` listing every row whose file is missing (or, with
+    ``readable``, cannot be probed as a video). Nothing is skipped silently."""
+    from qalign_kvq.video import VideoError, probe
+
+    problems = []
+    for name, path in zip(table["filename"], table["path"]):
+        if not Path(path).is_file():
+            problems.append((name, "file not found"))
+            continue
+        if readable:
+            try:
+                info = probe(path)
+            except VideoError as err:
+                problems.append((name, getattr(err, "reason", str(err))))
+                continue
+            if info.num_frames < 1:
+                problems.append((name, "no frames"))
+    if problems:
+        raise MissingVideosError(source, problems)
+
+
+def add_levels(table: datasets.Dataset, scale: LevelScale, soft_labels: bool = False, min_std: float = 0.2) -> datasets.Dataset:
+    """Add ``level`` (1 = bad .. 5 = excellent), ``level_word``, ``level_score`` (MOS on the 1..5
+    level axis) and, with ``soft_labels``, ``soft_label`` (5 probabilities ordered like
+    :data:`LEVEL_WORDS`; the std column, scaled to level units, sets the spread)."""
+    scores = np.asarray(table["score"], dtype=float)
+    levels = scale.level_index(scores)
+    level_scores = scale.to_level_score(scores)
+    table = table.add_column("level", [int(v) for v in levels])
+    table = table.add_column("level_word", [LEVEL_WORDS[5 - int(v)] for v in levels])
+    table = table.add_column("level_score", [float(v) for v in level_scores])
+    if soft_labels:
+        stds = table["std"] if "std" in table.column_names else [None] * len(table)
+        labels = [
+            soft_label(float(x), None if s is None else float(s) / scale.width, min_std=min_std).tolist()
+            for x, s in zip(level_scores, stds)
+        ]
+        table = table.add_column("soft_label", labels)
+    return table
+
+
+def balance(table: datasets.Dataset, seed: int = 0) -> datasets.Dataset:
+    """Resample rows (needs the ``level`` column) so that every level present has as many rows
+    as the largest one, as BDVQAGroup did offline. Seeded and shuffled."""
+    if "level" not in table.column_names:
+        raise AnnotationError("balance: the table has no level column (call add_levels first)")
+    return table.select(balanced_indices(table["level"], seed=seed).tolist())
+
+
+@dataclass(frozen=True)
+class RankPairs:
+    """Validation rank pairs: homologous (same source) and non-homologous, as ``(video1, video2, label)``."""
+
+    homologous: list[tuple[str, str, int]] | None = None
+    nonhomologous: list[tuple[str, str, int]] | None = None
+
+
+def read_rank_pairs(homologous: str | None = None, nonhomologous: str | None = None, xlsx: str | None = None,
+                    known: Sequence[str] | None = None) -> RankPairs:
+    """Read rank-pair CSVs (``video1,video2,label``) or the released xlsx (sheets ``source`` and
+    ``nonsource``). With ``known`` (the filenames of the table), pairs naming other videos are refused."""
+    from qalign_kvq.evaluate import read_pairs, read_pairs_xlsx
+
+    if xlsx:
+        homo, non = read_pairs_xlsx(xlsx)
+    else:
+        homo = read_pairs(homologous) if homologous else None
+        non = read_pairs(nonhomologous) if nonhomologous else None
+    if known is not None:
+        names = set(known)
+        for source, pairs in ((homologous or xlsx, homo), (nonhomologous or xlsx, non)):
+            unknown = sorted({v for a, b, _ in pairs or [] for v in (a, b) if v not in names})
+            if unknown:
+                raise AnnotationError(f"{source}: {len(unknown)} videos are not in the table, e.g. {unknown[:3]}")
+    return RankPairs(homo, non)

@@ -1,0 +1,139 @@
+"""Fine-tuning arguments: model, data and method dataclasses (with ``help`` metadata), parsed with
+``transformers.HfArgumentParser`` together with ``TrainingArguments`` from YAML and/or flags."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def _f(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = _f(None, "Base model: a local directory or hub id (a qalign-kvq LoRA output "
+                                       "directory continues training that adapter).")
+    family: str | None = _f(None, "Model family (qwen2_5_vl, qwen3_vl, llava_onevision, internvl, mplug_owl2, ...); "
+                                  "default: from config.model_type.")
+    dtype: str = _f("auto", "Weights dtype when loading: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32.")
+    attn_implementation: str | None = _f(None, "Attention implementation passed to from_pretrained (e.g. sdpa, "
+                                               "flash_attention_2).")
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise ValueError("model_name_or_path is required")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
+
+
+@dataclass
+class DataArguments:
+    train_csv: str = _f(None, "Training annotations: CSV (filename,score[,std]) or JSONL.")
+    video_root: str = _f(None, "Directory the training filenames are relative to.")
+    val_csv: str | None = _f(None, "Validation annotations (CSV or JSONL); enables evaluation.")
+    val_video_root: str | None = _f(None, "Directory of the validation videos (default: video_root).")
+    val_pairs_homologous: str | None = _f(None, "Homologous rank-pair CSV (video1,video2,label) for Rank1.")
+    val_pairs_nonhomologous: str | None = _f(None, "Non-homologous rank-pair CSV for Rank2.")
+    val_pairs_xlsx: str | None = _f(None, "The released rank-pair xlsx (sheets source and nonsource).")
+    mos_low: float | None = _f(None, "Low end of the MOS range for the level bins (default: training min).")
+    mos_high: float | None = _f(None, "High end of the MOS range for the level bins (default: training max).")
+    balance_levels: bool = _f(False, "Resample the training set so every level has as many rows as the largest.")
+    num_frames: int = _f(8, "Frames drawn at random per training clip (even for Qwen's temporal patch of 2).")
+    eval_num_frames: int = _f(8, "Frames taken at equal intervals per validation clip.")
+    crop_ratio: float = _f(0.9, "Side ratio of the random crop shared by all frames of a clip (1 = no crop).")
+    reverse_prob: float = _f(0.5, "Probability of reversing a training clip in time.")
+    max_side: int | None = _f(None, "Resize frames so the longer side is at most this many pixels (None: keep).")
+    question_paraphrases: bool = _f(True, "Sample the question from the paraphrase set (else always the default).")
+    check_videos: str = _f("probe", "Before training: 'probe' every video (missing or unreadable rows are "
+                                    "reported), 'exists' (files only) or 'none'.")
+    soft_label_min_std: float = _f(0.2, "Below this std (level units) soft labels split between two adjacent levels.")
+
+    def __post_init__(self):
+        if not self.train_csv or not self.video_root:
+            raise ValueError("train_csv and video_root are required")
+        if self.check_videos not in ("probe", "exists", "none"):
+            raise ValueError(f"check_videos must be probe, exists or none, not {self.check_videos!r}")
+        if not 0 < self.crop_ratio <= 1:
+            raise ValueError(f"crop_ratio must be in (0, 1], not {self.crop_ratio}")
+        if self.num_frames < 1 or self.eval_num_frames < 1:
+            raise ValueError("num_frames and eval_num_frames must be >= 1")
+        if (self.mos_low is None) != (self.mos_high is None):
+            raise ValueError("give both mos_low and mos_high, or neither")
+
+
+@dataclass
+class MethodArguments:
+    method: str = _f("lora", "lora (peft adapter) or full (all unfrozen weights).")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] | None = _f(None, "LoRA target module names (default: the family's).")
+    freeze_vision: bool = _f(True, "Freeze the vision tower.")
+    freeze_projector: bool | None = _f(None, "Freeze the projector/abstractor (default: frozen for LoRA unless "
+                                             "the family trains it, trained for full).")
+    freeze_language: bool = _f(False, "Freeze the language model (full) / put no adapter on it (LoRA).")
+    vision_learning_rate: float | None = _f(None, "Learning rate of the vision tower and projector (default: "
+                                                  "learning_rate).")
+    loss: str = _f("ce", "ce: cross-entropy on the answer tokens (Q-Align); deqa: soft-label KL at the level "
+                         "position + fidelity rank loss on in-batch pairs + weighted CE (DeQA-Score).")
+    ce_weight: float = _f(1.0, "Weight of the answer cross-entropy (DeQA uses 0.05).")
+    kl_weight: float = _f(1.0, "Weight of the soft-label KL (deqa loss).")
+    rank_weight: float = _f(1.0, "Weight of the fidelity rank loss (deqa loss).")
+
+    def __post_init__(self):
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"method must be lora or full, not {self.method!r}")
+        if self.loss not in ("ce", "deqa"):
+            raise ValueError(f"loss must be ce or deqa, not {self.loss!r}")
+        if min(self.ce_weight, self.kl_weight, self.rank_weight) < 0:
+            raise ValueError("loss weights must be >= 0")
+
+
+def config_to_argv(config: dict) -> list[str]:
+    """A flat YAML mapping -> command-line flags (``--key value``), so flags given after it win."""
+    argv: list[str] = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *[str(v) for v in value]]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a recipe YAML (a flat mapping of argument names to values)."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values")
+    return config
+
+
+def parse_args(argv: Sequence[str]):
+    """``[CONFIG.yaml] [--key value ...]`` -> ``(ModelArguments, DataArguments, MethodArguments,
+    TrainingArguments)``. Unknown keys, in the YAML or the flags, are errors."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    argv = list(argv)
+    merged: list[str] = []
+    if argv and not argv[0].startswith("--"):
+        merged = config_to_argv(load_config(argv.pop(0)))
+    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, TrainingArguments))
+    return tuple(parser.parse_args_into_dataclasses(args=merged + argv))
