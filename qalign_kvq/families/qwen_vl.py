@@ -36,7 +36,9 @@ class _QwenVLFamily(Family):
     def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         images = [clip[0] for clip in clips if clip.shape[0] == 1]
         videos = [clip for clip in clips if clip.shape[0] > 1]
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        # padding_side explicitly: some processors (InternVL) default to their own side
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
+                                  "padding_side": processor.tokenizer.padding_side}
         if images:
             kwargs["images"] = images
         if videos:

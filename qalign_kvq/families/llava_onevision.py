@@ -1,0 +1,60 @@
+"""LLaVA-OneVision (transformers-native, ``llava-hf/llava-onevision-*-hf``).
+
+Its chat template renders a *stored* assistant turn as ``<|im_start|>assistant \\n<text>`` (a space
+after the role) but the generation prompt as ``<|im_start|>assistant\\n``. Training text is therefore
+built as the scoring prompt followed by the rest of the answer and the template's end-of-turn
+marker, so that training and scoring see the same tokens before the level word.
+
+The SigLIP vision tower also has ``q_proj/k_proj/v_proj`` modules, so the LoRA targets are a regex
+limited to the language model. Frames are never re-sampled by the processor. The model stacks the
+videos of a batch into one tensor: every clip of a batch must have the same number of frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from qalign_kvq.families.base import ANSWER_PREFIX, Family, answer_text
+
+LANGUAGE_ATTENTION = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+class LlavaOneVisionFamily(Family):
+    name = "llava_onevision"
+    model_types = ("llava_onevision",)
+    lora_targets = LANGUAGE_ATTENTION
+    vision_prefixes = ("model.vision_tower.",)
+    projector_prefixes = ("model.multi_modal_projector.", "model.image_newline")
+    language_prefixes = ("model.language_model.", "lm_head.")
+
+    def chat_texts(self, processor, question: str, clip: np.ndarray, level_word: str | None) -> tuple[str, str]:
+        messages = [{"role": "user", "content": self.user_content(question, clip)}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
+        if level_word is None:
+            return prompt, prompt
+        answer = answer_text(level_word)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        rendered = processor.apply_chat_template(messages, tokenize=False)
+        if answer not in rendered:
+            raise ValueError(f"{self.name}: the chat template does not render the assistant answer")
+        end_of_turn = rendered[rendered.rindex(answer) + len(answer):]
+        return prompt, prompt + answer[len(ANSWER_PREFIX):] + end_of_turn
+
+    def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        images = [clip[0] for clip in clips if clip.shape[0] == 1]
+        videos = [clip for clip in clips if clip.shape[0] > 1]
+        # padding_side explicitly: some processors (InternVL) default to their own side
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
+                                  "padding_side": processor.tokenizer.padding_side}
+        if images:
+            kwargs["images"] = images
+        if videos:
+            if len({len(video) for video in videos}) > 1:
+                raise ValueError(f"{self.name}: the clips of one batch must have the same number of frames "
+                                 f"(got {sorted(len(video) for video in videos)}); the model stacks them")
+            kwargs.update(videos=videos, do_sample_frames=False)
+        return dict(processor(**kwargs))
