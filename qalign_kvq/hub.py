@@ -34,8 +34,9 @@ from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
 from qalign_kvq.model_card import write_model_card
 
 ADAPTER_CONFIG = "adapter_config.json"
-#: Never pushed: the Trainer's intermediate checkpoints and half-written temporary files.
-IGNORE_PATTERNS = ["checkpoint-*", "*.tmp"]
+#: Never pushed: the Trainer's intermediate checkpoints, its pickled arguments (scoring needs
+#: neither) and half-written temporary files.
+IGNORE_PATTERNS = ["checkpoint-*", "training_args.bin", "*.tmp"]
 DEFAULT_COMMIT_MESSAGE = "Upload qalign-kvq checkpoint"
 
 

@@ -36,7 +36,7 @@ def is_hub_id(value: str | None) -> bool:
 def card_base_model(meta: CheckpointMeta) -> str | None:
     """The model this checkpoint was fine-tuned from: the adapter's base, else the recipe's."""
     recipe = meta.recipe or {}
-    for value in (meta.base_model, recipe.get("base_model"), recipe.get("model_name_or_path"), recipe.get("model")):
+    for value in (meta.base_model, *(recipe.get(k) for k in ("base_model", "base", "model_name_or_path", "model"))):
         if isinstance(value, str) and value:
             return value
     return None
