@@ -24,6 +24,8 @@ import torch
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl", "mplug_owl2")
 SEED = 0
+#: The mPLUG-Owl2 port has its own builder (its ``build(out_dir)`` is called, imported lazily).
+MPLUG_OWL2_BUILDER = Path(__file__).with_name("make_tiny_mplug_owl2.py")
 LEVEL_WORDS = ("excellent", "good", "fair", "poor", "bad")
 
 # Text the BPE is trained on: the prompts and answers the toolkit uses, many times over, so that
@@ -128,8 +130,8 @@ def _text_config(tokenizer, **extra) -> dict:
 
 def _qwen_token_ids(tokenizer) -> dict[str, int]:
     ids = tokenizer.convert_tokens_to_ids
-    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+            "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
 
 
 def _qwen_pixel_range(factor: int) -> dict[str, int]:
@@ -148,7 +150,7 @@ def _qwen2_vl():
     config = Qwen2VLConfig(
         text_config=_text_config(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                               "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
         **_qwen_token_ids(tokenizer))
     return config, processor
 
@@ -164,8 +166,8 @@ def _qwen2_5_vl():
     config = Qwen2_5_VLConfig(
         text_config=_text_config(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                               "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           window_size=56, fullatt_block_indexes=[1]),
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "window_size": 56, "fullatt_block_indexes": [1]},
         **_qwen_token_ids(tokenizer))
     return config, processor
 
@@ -182,15 +184,19 @@ def _qwen3_vl():
         "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
     config = Qwen3VLConfig(
         text_config=text,
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           num_position_embeddings=64, deepstack_visual_indexes=[1]),
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "num_position_embeddings": 64, "deepstack_visual_indexes": [1]},
         **_qwen_token_ids(tokenizer))
     return config, processor
 
 
 def _llava_onevision():
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
-                              LlavaOnevisionVideoProcessor)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
 
     tokenizer = _qwen_tokenizer(["<image>", "<video>"], _LLAVA_OV_TEMPLATE)
     image_size, patch = 28, 14
@@ -230,8 +236,8 @@ def _internvl():
                                   image_seq_length=image_seq_length)
     config = InternVLConfig(
         text_config={"model_type": "qwen2", **_text_config(tokenizer)},
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                           image_size=[image_size, image_size], patch_size=[patch, patch]),
+        vision_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                       "image_size": [image_size, image_size], "patch_size": [patch, patch]},
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=image_seq_length,
         downsample_ratio=0.5)
     return config, processor
@@ -247,7 +253,7 @@ _BUILDERS: dict[str, Callable] = {
 
 
 def _build_mplug_owl2(out: Path) -> Path:
-    script = Path(__file__).with_name("make_tiny_mplug_owl2.py")
+    script = MPLUG_OWL2_BUILDER
     if not script.is_file():
         raise FileNotFoundError(f"{script}: missing; the tiny mplug_owl2 model is built by that script")
     spec = importlib.util.spec_from_file_location("make_tiny_mplug_owl2", script)

@@ -205,3 +205,40 @@ def test_qwen3_timestamps_follow_clip_fps(tiny_models):
     assert "<0.5 seconds>" in text and "<2.5 seconds>" in text
     with pytest.raises(ValueError, match="clip_fps"):
         Qwen3VLFamily(clip_fps=0)
+
+
+def test_qwen2_5_temporal_step_follows_clip_fps(tiny_models):
+    from qalign_kvq.families.qwen_vl import Qwen25VLFamily
+
+    _, _, processor = _loaded(tiny_models("qwen2_5_vl"), "qwen2_5_vl")
+    for fps in (1.0, 4.0):
+        inputs = Qwen25VLFamily(clip_fps=fps).build_inputs(processor, [_moving_crop(4, 64, 64)])
+        assert inputs.batch["second_per_grid_ts"].tolist() == [pytest.approx(2 / fps)]
+
+
+# ----- level_logits reads only the columns it needs ------------------------------------------------
+@pytest.mark.parametrize("family_name", ["qwen2_5_vl", "internvl"])
+def test_level_logits_never_projects_the_whole_sequence(family_name, setup):
+    family, model, processor = setup
+    ids = family.level_token_ids(processor.tokenizer)
+    clips = _two_clips(family_name, 4, 4)
+    widths = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+    try:
+        with torch.no_grad():
+            left = family.build_inputs(processor, clips, [QUESTIONS[0], QUESTIONS[3]])
+            level_logits(model, left, ids)
+            right = family.build_inputs(processor, clips, [QUESTIONS[0], QUESTIONS[3]], padding_side="right")
+            level_logits(model, right, ids)
+    finally:
+        hook.remove()
+    assert len(set(right.level_positions.tolist())) == 2
+    assert widths == [1, 2]  # the last column; then the two level columns of right padding
+
+
+def test_level_logits_rejects_positions_outside_the_sequence(tiny_models):
+    family, model, processor = _loaded(tiny_models("qwen2_vl"), "qwen2_vl")
+    inputs = family.build_inputs(processor, [_image()])
+    inputs.level_positions = inputs.level_positions + 1
+    with pytest.raises(ValueError, match="outside a sequence"):
+        level_logits(model, inputs, family.level_token_ids(processor.tokenizer))

@@ -16,7 +16,7 @@ builder = load_builder()
 NATIVE = [f for f in builder.FAMILIES if f != "mplug_owl2"]
 
 
-@pytest.mark.parametrize("family", NATIVE)
+@pytest.mark.parametrize("family", builder.FAMILIES)
 def test_builder_is_deterministic(family, tmp_path, tiny_models):
     again = builder.build_tiny_model(family, tmp_path)
     first = tiny_models(family)
@@ -52,6 +52,12 @@ def test_cli_builds_one_directory_per_family(tmp_path, capsys):
         assert (tmp_path / family / "model.safetensors").is_file()
         assert json.loads((tmp_path / family / "config.json").read_text())["model_type"] == family
     assert "qwen2_vl: " in capsys.readouterr().out
+
+
+def test_mplug_owl2_builder_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(builder, "MPLUG_OWL2_BUILDER", tmp_path / "absent.py")
+    with pytest.raises(FileNotFoundError, match=r"absent\.py: missing"):
+        builder.build_tiny_model("mplug_owl2", tmp_path)
 
 
 def test_unknown_family_is_refused(tmp_path):

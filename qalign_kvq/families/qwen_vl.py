@@ -5,9 +5,11 @@ as pre-decoded frames with ``do_sample_frames=False``. The vision tower merges f
 patches of 2; a clip with an odd number of frames gets its last frame repeated by the video
 processor (so 7 frames cost as much as 8). Keep frame counts even to avoid the duplicate.
 
-Qwen3-VL writes a ``<t seconds>`` timestamp before every temporal patch, computed from
-``video_metadata``; the adapter passes metadata saying that frame ``i`` was taken at ``i / clip_fps``
-seconds (``clip_fps``: the rate of the frames as sampled, 2 by default, Qwen3-VL's own sampling rate).
+Time enters the prompt through ``video_metadata``, which the adapter fills saying that frame ``i`` of
+a clip was taken at ``i / clip_fps`` seconds (``clip_fps``: the rate of the frames as sampled, 2 by
+default, the rate these models sample at): Qwen2.5-VL turns it into ``second_per_grid_ts`` (the
+temporal M-RoPE step; without metadata the processor would assume 24 fps), Qwen3-VL writes a
+``<t seconds>`` timestamp before every temporal patch. Qwen2-VL has no notion of time.
 
 LoRA targets ``q_proj/k_proj/v_proj/o_proj``: in these models only the language model has modules
 by those names (the vision blocks use ``qkv``/``proj``), so LoRA touches the language model only.
@@ -25,13 +27,23 @@ from qalign_kvq.families.base import Family
 
 
 class _QwenVLFamily(Family):
-    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     vision_prefixes = ("model.visual.blocks.", "model.visual.patch_embed.", "model.visual.pos_embed.")
     projector_prefixes = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
     language_prefixes = ("model.language_model.", "lm_head.")
 
+    def __init__(self, clip_fps: float = 2.0) -> None:
+        if not clip_fps > 0:
+            raise ValueError(f"clip_fps must be positive, got {clip_fps}")
+        self.clip_fps = float(clip_fps)
+
     def _video_kwargs(self, videos: list[np.ndarray]) -> dict[str, Any]:
-        return {"do_sample_frames": False}
+        """No re-sampling; metadata saying frame ``i`` of a clip is at ``i / clip_fps`` seconds."""
+        metadata = [
+            {"fps": self.clip_fps, "total_num_frames": len(video), "frames_indices": list(range(len(video))),
+             "duration": len(video) / self.clip_fps}
+            for video in videos
+        ]
+        return {"do_sample_frames": False, "video_metadata": metadata}
 
     def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         images = [clip[0] for clip in clips if clip.shape[0] == 1]
@@ -60,16 +72,3 @@ class Qwen25VLFamily(_QwenVLFamily):
 class Qwen3VLFamily(_QwenVLFamily):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
-
-    def __init__(self, clip_fps: float = 2.0) -> None:
-        if not clip_fps > 0:
-            raise ValueError(f"clip_fps must be positive, got {clip_fps}")
-        self.clip_fps = float(clip_fps)
-
-    def _video_kwargs(self, videos: list[np.ndarray]) -> dict[str, Any]:
-        metadata = [
-            {"fps": self.clip_fps, "total_num_frames": len(video), "frames_indices": list(range(len(video))),
-             "duration": len(video) / self.clip_fps}
-            for video in videos
-        ]
-        return {"do_sample_frames": False, "video_metadata": metadata}
