@@ -1,0 +1,80 @@
+"""Load a scoring model: a qalign-kvq checkpoint directory (full weights or a peft adapter), a hub
+id, or a plain transformers model directory.
+
+``load_checkpoint(path_or_id) -> (model, processor, family, meta)``; the model is in eval mode on
+``device`` with ``dtype`` (defaults: the first CUDA device in bfloat16, else the CPU in float32).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
+from qalign_kvq.families import Family, family_for_model_type, get_family
+from qalign_kvq.hub import is_adapter, resolve_base_model, resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def default_device_dtype(device: str | torch.device | None = None,
+                         dtype: torch.dtype | str | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA + bfloat16 when a GPU is there, else CPU + float32; explicit values win."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, dtype
+
+
+def _read_model_type(directory: Path) -> str:
+    config = directory / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{directory}: neither a qalign-kvq checkpoint ({META_FILE}) nor a transformers "
+                                f"model directory (config.json)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if not model_type:
+        raise ValueError(f"{config}: no model_type")
+    return model_type
+
+
+def load_meta(directory: Path) -> tuple[CheckpointMeta, Family]:
+    """The checkpoint metadata and family of a model directory; a plain transformers directory gets a
+    warning, its family from ``config.model_type`` and the nominal 1..5 range."""
+    if (directory / META_FILE).is_file():
+        meta = CheckpointMeta.load(directory)
+        return meta, get_family(meta.family)
+    family = family_for_model_type(_read_model_type(directory))
+    logger.warning("%s: no %s; scoring as family %r on the nominal 1..5 MOS range", directory, META_FILE, family.name)
+    return CheckpointMeta(family=family.name), family
+
+
+def load_checkpoint(
+    path_or_id: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+):
+    """``(model, processor, family, meta)`` from a directory or hub id, ready for scoring.
+
+    A directory holding ``adapter_config.json`` is a peft adapter: the base model named by
+    ``meta.base_model`` (or the adapter config) is loaded with its processor, and the adapter is
+    attached and merged.
+    """
+    directory = resolve_checkpoint(path_or_id)
+    meta, family = load_meta(directory)
+    dev, dt = default_device_dtype(device, dtype)
+    if is_adapter(directory):
+        from peft import PeftModel
+
+        model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dt)
+        model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+    else:
+        model, processor = family.load(str(directory), dtype=dt)
+    model.to(dev).eval()
+    return model, processor, family, meta
+

@@ -1,0 +1,160 @@
+"""The Python API: ``Scorer.from_pretrained(path_or_id).score("x.mp4")``.
+
+A :class:`Scorer` holds one or more loaded models (a model ensemble, averaged on the MOS scale
+with weights) and the self-ensemble settings (:class:`~qalign_kvq.scoring.ViewOptions`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from qalign_kvq.loading import default_device_dtype, load_checkpoint
+from qalign_kvq.scoring import (ModelScore, ViewOptions, Views, clip_level_probs, ensemble, make_views,
+                                probs_by_word)
+from qalign_kvq.video import probe, read_frames, uniform_indices
+
+
+@dataclass
+class ScoreResult:
+    """The score of one video (or image): ``score`` on the MOS scale, ``score_1_5`` the expected
+    level, ``probs`` per level word, ``uncertainty`` the std of the level distribution (levels)."""
+
+    file: str | None
+    score: float
+    score_1_5: float
+    probs: dict[str, float]
+    uncertainty: float
+    views: list[str]
+    frames: int
+    sandwich_box: list[int] | None = None
+    timing: dict[str, float] = field(default_factory=dict)
+    #: Per-model scores when several models are ensembled.
+    models: list[dict[str, Any]] | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        if record["models"] is None:
+            del record["models"]
+        return record
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any
+    processor: Any
+    family: Any
+    meta: Any
+    level_ids: list[int]
+
+
+class Scorer:
+    """Scores videos, frames in memory and images with one model or a weighted model ensemble."""
+
+    def __init__(self, models: Sequence[LoadedModel], weights: Sequence[float] | None = None,
+                 options: ViewOptions | None = None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None):
+        if not models:
+            raise ValueError("a Scorer needs at least one model")
+        if weights is not None and len(weights) != len(models):
+            raise ValueError(f"{len(weights)} model weights for {len(models)} models")
+        self.models = list(models)
+        self.weights = list(weights) if weights is not None else [1.0] * len(models)
+        self.options = options or ViewOptions()
+        self.device, self.dtype = torch.device(device), dtype
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike | Sequence[str | os.PathLike], device=None, dtype=None,
+                        weights: Sequence[float] | None = None, options: ViewOptions | None = None,
+                        **view_options) -> Scorer:
+        """Load one checkpoint (directory or hub id) or several (a list: a model ensemble).
+        Keyword arguments beyond these set :class:`ViewOptions` fields (``frames=8``...)."""
+        paths = [path_or_id] if isinstance(path_or_id, (str, os.PathLike)) else list(path_or_id)
+        dev, dt = default_device_dtype(device, dtype)
+        loaded = []
+        for path in paths:
+            model, processor, family, meta = load_checkpoint(path, dev, dt)
+            ids = family.level_token_ids(processor.tokenizer, meta.level_words)
+            loaded.append(LoadedModel(str(path), model, processor, family, meta, ids))
+        options = options or ViewOptions(**view_options)
+        return cls(loaded, weights, options, dev, dt)
+
+    # ----- entry points -------------------------------------------------------------------
+    def score(self, path: str | os.PathLike) -> ScoreResult:
+        """Score a video file: ``options.frames`` evenly spaced frames, then :meth:`score_frames`.
+        Unreadable files raise :class:`qalign_kvq.video.VideoError` naming the file and reason."""
+        t0 = time.perf_counter()
+        info = probe(path)
+        clip = read_frames(path, uniform_indices(info.num_frames, self.options.frames))
+        decode = time.perf_counter() - t0
+        result = self.score_frames(clip, file=str(path))
+        result.timing = {"decode_s": decode, **result.timing}
+        result.timing["total_s"] += decode
+        return result
+
+    def score_many(self, paths: Iterable[str | os.PathLike]) -> list[ScoreResult]:
+        """Score several video files one after the other (each video's views in one batch)."""
+        return [self.score(path) for path in paths]
+
+    def score_frames(self, clip: np.ndarray, file: str | None = None) -> ScoreResult:
+        """Score frames already in memory: ``(T, H, W, 3)`` uint8 RGB (T == 1: an image)."""
+        clip = _check_clip(clip)
+        t0 = time.perf_counter()
+        views = make_views(clip, self.options)
+        return self._score_views(views, file, clip.shape[0], time.perf_counter() - t0)
+
+    def score_image(self, image: np.ndarray | str | os.PathLike | Any) -> ScoreResult:
+        """Score one image: an ``(H, W, 3)`` uint8 array, a PIL image or an image file."""
+        file = None
+        if isinstance(image, (str, os.PathLike)):
+            file, image = str(image), load_image(image)
+        array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+        if array.ndim != 3:
+            raise ValueError(f"an image must be (H, W, 3), got shape {array.shape}")
+        return self.score_frames(array[None], file=file)
+
+    # ----- the shared path ------------------------------------------------------------------
+    def _score_views(self, views: Views, file: str | None, frames: int, t_views: float) -> ScoreResult:
+        t_proc = t_model = 0.0
+        per_model: list[ModelScore] = []
+        for lm in self.models:
+            view_probs, tp, tm = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids,
+                                                  lm.meta.question, self.options.batch_size, self.device, self.dtype)
+            t_proc, t_model = t_proc + tp, t_model + tm
+            per_model.append(ModelScore.from_view_probs(view_probs, views.weights, lm.meta))
+        combined = per_model[0] if len(per_model) == 1 else ensemble(per_model, self.weights)
+        words = self.models[0].meta.level_words
+        models = None
+        if len(per_model) > 1:
+            models = [{"model": lm.name, "weight": w, "score": s.score, "score_1_5": s.score_1_5}
+                      for lm, w, s in zip(self.models, self.weights, per_model)]
+        return ScoreResult(
+            file=file, score=combined.score, score_1_5=combined.score_1_5,
+            probs=probs_by_word(combined.probs, words), uncertainty=combined.uncertainty,
+            views=list(views.names), frames=frames,
+            sandwich_box=list(views.sandwich_box) if views.sandwich_box else None,
+            timing={"views_s": t_views, "processor_s": t_proc, "model_s": t_model,
+                    "total_s": t_views + t_proc + t_model},
+            models=models)
+
+
+def _check_clip(clip: np.ndarray) -> np.ndarray:
+    clip = np.asarray(clip)
+    if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8 or clip.shape[0] == 0:
+        raise ValueError(f"a clip must be a non-empty (T, H, W, 3) uint8 array, got {clip.shape} {clip.dtype}")
+    return clip
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as an ``(H, W, 3)`` uint8 RGB array."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
