@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -126,14 +126,26 @@ def load_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def parse_args(argv: Sequence[str]):
+def parse_args(argv: Sequence[str]) -> tuple[ModelArguments, DataArguments, MethodArguments, dict]:
     """``[CONFIG.yaml] [--key value ...]`` -> ``(ModelArguments, DataArguments, MethodArguments,
-    TrainingArguments)``. Unknown keys, in the YAML or the flags, are errors."""
+    training_fields)``; ``training_fields`` are the parsed ``TrainingArguments`` fields, to be
+    completed by the recipe and passed to ``TrainingArguments(**fields)`` once (creating it sets up
+    the distributed state). Unknown keys, in the YAML or the flags, are errors."""
     from transformers import HfArgumentParser, TrainingArguments
 
     argv = list(argv)
     merged: list[str] = []
+    source = "command line"
     if argv and not argv[0].startswith("--"):
+        source = argv[0]
         merged = config_to_argv(load_config(argv.pop(0)))
-    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, TrainingArguments))
-    return tuple(parser.parse_args_into_dataclasses(args=merged + argv))
+    classes = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
+    namespace, unknown = HfArgumentParser(classes).parse_known_args(merged + argv)
+    if unknown:
+        raise ValueError(f"{source}: unknown arguments {unknown}")
+    values = vars(namespace)
+    parsed = []
+    for cls in classes[:3]:
+        parsed.append(cls(**{f.name: values.pop(f.name) for f in fields(cls) if f.init}))
+    training = {f.name: values.pop(f.name) for f in fields(TrainingArguments) if f.init and f.name in values}
+    return (*parsed, training)

@@ -1,0 +1,157 @@
+"""Load a model for fine-tuning and make its trainable set: LoRA (peft) or full fine-tuning, with
+freeze switches for the vision tower, the projector/abstractor and the language model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
+from qalign_kvq.families import Family, family_for_model_type, get_family
+
+logger = logging.getLogger(__name__)
+
+_WRAPPERS = ("module.", "base_model.model.")
+
+
+def _strip(name: str) -> str:
+    for prefix in _WRAPPERS:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def in_group(name: str, prefixes: Sequence[str]) -> bool:
+    """Whether a parameter/module name (plain, peft- or DDP-wrapped) lies under one of the prefixes."""
+    name = _strip(name)
+    return any(name.startswith(p) or name + "." == p for p in prefixes)
+
+
+def resolve_dtype(dtype: str, method: str) -> torch.dtype:
+    """``auto``: bfloat16 on GPU for LoRA (the base stays frozen), float32 otherwise (full fine-tuning
+    keeps float32 master weights; bf16 autocast or DeepSpeed's bf16 handle the compute)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and method == "lora" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_for_training(model_name_or_path: str, family_name: str | None = None, dtype: torch.dtype = torch.float32,
+                      **load_kwargs):
+    """``(model, processor, family, base_model)``. A qalign-kvq LoRA output directory (adapter +
+    ``qalign_kvq.json``) loads its base and keeps the adapter trainable (two-stage training);
+    ``base_model`` is then the base's path or id, else ``model_name_or_path``."""
+    from qalign_kvq.hub import adapter_base_model, is_adapter, resolve_base_model, resolve_checkpoint
+
+    directory = resolve_checkpoint(model_name_or_path)
+    meta = CheckpointMeta.load(directory) if (directory / META_FILE).is_file() else None
+    if family_name is None:
+        if meta is not None:
+            family_name = meta.family
+        else:
+            config = directory / "config.json"
+            if not config.is_file():
+                raise FileNotFoundError(f"{directory}: no config.json or {META_FILE}; pass family explicitly")
+            model_type = json.loads(config.read_text()).get("model_type", "")
+            family_name = family_for_model_type(model_type).name
+    family = get_family(family_name)
+    if is_adapter(directory):
+        from peft import PeftModel
+
+        meta = meta or CheckpointMeta(family=family.name)
+        model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dtype, **load_kwargs)
+        model = PeftModel.from_pretrained(model, str(directory), is_trainable=True)
+        return model, processor, family, adapter_base_model(directory, meta)
+    model, processor = family.load(str(directory), dtype=dtype, **load_kwargs)
+    return model, processor, family, str(model_name_or_path)
+
+
+def _existing_modules(model, prefixes: Sequence[str]) -> list[str]:
+    """Names of the modules the prefixes name (a ``ModuleList`` stands for its items)."""
+    modules = dict(model.named_modules())
+    names = []
+    for prefix in prefixes:
+        name = prefix.rstrip(".")
+        module = modules.get(name)
+        if isinstance(module, torch.nn.ModuleList):
+            names += [f"{name}.{child}" for child, _ in module.named_children()]
+        elif module is not None:
+            names.append(name)
+    return names
+
+
+def _prefix_regex(prefixes: Sequence[str]) -> str:
+    return "^(" + "|".join(re.escape(p.rstrip(".")) for p in prefixes) + r")(\..*)?$"
+
+
+def prepare_model(model, family: Family, method: str = "lora", *, lora_r: int = 16, lora_alpha: int = 32,
+                  lora_dropout: float = 0.05, lora_targets: Sequence[str] | str | None = None,
+                  freeze_vision: bool = True, freeze_projector: bool | None = None, freeze_language: bool = False,
+                  gradient_checkpointing: bool = False):
+    """Set which parameters train and return the model (a ``PeftModel`` for ``method="lora"``).
+
+    Full: every parameter trains except the frozen groups (parameters outside the family's three
+    groups follow the language switch). LoRA: adapters on ``lora_targets`` (default: the family's)
+    outside frozen groups; an unfrozen projector is trained fully and saved with the adapter
+    (peft ``modules_to_save``); an unfrozen vision tower gets adapters where the targets match.
+    ``freeze_projector=None`` means trained for full fine-tuning, frozen for LoRA."""
+    if freeze_projector is None:
+        freeze_projector = method == "lora"
+    frozen = {"vision": freeze_vision, "projector": freeze_projector, "language": freeze_language}
+    groups = {"vision": family.vision_prefixes, "projector": family.projector_prefixes,
+              "language": family.language_prefixes}
+
+    def group_of(name: str) -> str:
+        for group in ("vision", "projector", "language"):
+            if in_group(name, groups[group]):
+                return group
+        return "language"
+
+    if method == "full":
+        for name, param in model.named_parameters():
+            param.requires_grad_(not frozen[group_of(name)])
+        return model
+    if method != "lora":
+        raise ValueError(f"method must be lora or full, not {method!r}")
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):  # continuing an adapter (two-stage): keep its configuration
+        return model
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    excluded = [p for g in ("vision", "projector", "language") if frozen[g] or g == "projector" for p in groups[g]]
+    save = _existing_modules(model, groups["projector"]) if not frozen["projector"] else []
+    targets = lora_targets if lora_targets is not None else family.lora_targets
+    config = LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        target_modules=list(targets) if not isinstance(targets, str) else targets,
+        exclude_modules=_prefix_regex(excluded) if excluded else None,
+        modules_to_save=save or None,
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_summary(model) -> str:
+    """``"trainable N / total M parameters (x%)"``."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable {trainable:,} / total {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def save_outputs(trainer, processor, meta: CheckpointMeta, output_dir: str | Path) -> Path:
+    """Write what scoring needs into ``output_dir``: weights (safetensors) or the peft adapter, the
+    processor and ``qalign_kvq.json``. Call on every process (DeepSpeed gathers ZeRO-3 shards)."""
+    output_dir = Path(output_dir)
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(output_dir))
+        meta.save(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir

@@ -1,0 +1,143 @@
+"""Fine-tune an LMM to answer "The quality of the video is <level>." for MOS-labelled videos.
+
+    accelerate launch recipes/finetune.py recipes/configs/<recipe>.yaml [--key value ...]
+
+Any field of the YAML (model, data, method arguments and every ``transformers.TrainingArguments``
+field) can be overridden by a flag. ``--resume_from_checkpoint last`` continues the newest
+``checkpoint-*`` in ``output_dir``. At the end ``output_dir`` holds the weights (safetensors) or the
+peft adapter, the processor and ``qalign_kvq.json`` (family, MOS range, question, frames, metrics):
+everything ``python -m qalign_kvq.infer`` needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+
+from qalign_kvq.annotations import add_levels, balance, check_videos, read_rank_pairs, read_table
+from qalign_kvq.checkpoint import CheckpointMeta
+from qalign_kvq.families.base import DEFAULT_QUESTION, QUESTIONS
+from qalign_kvq.levels import LevelScale
+from qalign_kvq.training.arguments import parse_args
+from qalign_kvq.training.collator import QualityCollator
+from qalign_kvq.training.dataset import ClipDataset, EpochCallback
+from qalign_kvq.training.model import (in_group, load_for_training, prepare_model, resolve_dtype, save_outputs,
+                                       trainable_summary)
+from qalign_kvq.training.trainer import QualityTrainer, make_compute_metrics
+
+logger = logging.getLogger("qalign_kvq.finetune")
+
+
+def training_arguments(fields: dict, method, has_val: bool, has_pairs: bool) -> transformers.TrainingArguments:
+    """``TrainingArguments`` from the parsed fields plus what the recipe needs whatever the YAML says
+    (its own batch keys are kept, evaluation reads ``mos``) and defaults that depend on the run."""
+    fields = {**fields, "remove_unused_columns": False, "label_names": ["mos"]}
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if fields.get("ddp_backend") is None and distributed and not torch.cuda.is_available():
+        fields["ddp_backend"] = "gloo"  # CPU processes talk over gloo (DDP and DeepSpeed alike)
+    if fields.get("gradient_checkpointing") and fields.get("gradient_checkpointing_kwargs") is None:
+        # PEFT + ZeRO-3 needs reentrant checkpointing (the adapter's inputs get requires_grad).
+        fields["gradient_checkpointing_kwargs"] = {"use_reentrant": method.method == "lora"}
+    if not has_val:
+        fields.update(eval_strategy="no", load_best_model_at_end=False, metric_for_best_model=None)
+    elif fields.get("metric_for_best_model") in (None, "loss", "Final") and not has_pairs:
+        fields["metric_for_best_model"] = "SROCC"  # Final needs rank pairs
+    if fields.get("metric_for_best_model") in ("Final", "SROCC", "PLCC", "Rank1", "Rank2"):
+        fields["greater_is_better"] = True
+    report_to = fields.get("report_to") or "none"
+    report_to = report_to if isinstance(report_to, list) else [report_to]
+    if "tensorboard" in report_to and importlib.util.find_spec("tensorboard") is None:
+        logger.warning("tensorboard is not installed: not logging to it")
+        report_to = [r for r in report_to if r != "tensorboard"] or ["none"]
+    fields["report_to"] = report_to
+    return transformers.TrainingArguments(**fields)
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
+    """Run a recipe: ``argv`` as on the command line; ``callbacks``: extra ``TrainerCallback``s."""
+    model_args, data_args, method, training_fields = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    seed = training_fields.get("seed", 42)
+    transformers.set_seed(seed)
+
+    # Data: every row checked before anything trains.
+    train = read_table(data_args.train_csv, data_args.video_root)
+    scale = (LevelScale(data_args.mos_low, data_args.mos_high) if data_args.mos_low is not None
+             else LevelScale.from_scores(train["score"]))
+    soft = method.loss == "deqa"
+    train = add_levels(train, scale, soft_labels=soft, min_std=data_args.soft_label_min_std)
+    if data_args.check_videos != "none":
+        check_videos(train, data_args.train_csv, readable=data_args.check_videos == "probe")
+    if data_args.balance_levels:
+        train = balance(train, seed=seed)
+    val, pairs = None, None
+    if data_args.val_csv:
+        val = add_levels(read_table(data_args.val_csv, data_args.val_video_root or data_args.video_root), scale)
+        if data_args.check_videos != "none":
+            check_videos(val, data_args.val_csv, readable=data_args.check_videos == "probe")
+        pairs = read_rank_pairs(data_args.val_pairs_homologous, data_args.val_pairs_nonhomologous,
+                                data_args.val_pairs_xlsx, known=val["filename"])
+    has_pairs = bool(pairs and (pairs.homologous or pairs.nonhomologous))
+    training_args = training_arguments(training_fields, method, val is not None, has_pairs)
+
+    # Model.
+    dtype = resolve_dtype(model_args.dtype, method.method)
+    load_kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    model, processor, family, base_model = load_for_training(model_args.model_name_or_path, model_args.family,
+                                                             dtype=dtype, **load_kwargs)
+    model = prepare_model(model, family, method.method, lora_r=method.lora_r, lora_alpha=method.lora_alpha,
+                          lora_dropout=method.lora_dropout, lora_targets=method.lora_target_modules,
+                          freeze_vision=method.freeze_vision, freeze_projector=method.freeze_projector,
+                          freeze_language=method.freeze_language,
+                          gradient_checkpointing=training_args.gradient_checkpointing)
+    logger.info("%s (%s, %s)", trainable_summary(model), family.name, method.method)
+
+    questions = QUESTIONS if data_args.question_paraphrases else (DEFAULT_QUESTION,)
+    train_ds = ClipDataset(train, data_args.num_frames, train=True, seed=training_args.seed,
+                           crop_ratio=data_args.crop_ratio, reverse_prob=data_args.reverse_prob, questions=questions)
+    val_ds = ClipDataset(val, data_args.eval_num_frames, train=False) if val is not None else None
+    vision_prefixes = tuple(family.vision_prefixes) + tuple(family.projector_prefixes)
+    trainer = QualityTrainer(
+        model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds,
+        data_collator=QualityCollator(family, processor), processing_class=processor,
+        compute_metrics=(make_compute_metrics(val["filename"], val["score"], scale, pairs.homologous,
+                                              pairs.nonhomologous) if val is not None else None),
+        callbacks=[EpochCallback(train_ds), *(callbacks or [])],
+        level_token_ids=family.level_token_ids(processor.tokenizer), loss=method.loss,
+        ce_weight=method.ce_weight, kl_weight=method.kl_weight, rank_weight=method.rank_weight,
+        vision_learning_rate=method.vision_learning_rate,
+        vision_param_filter=lambda name: in_group(name, vision_prefixes),
+    )
+
+    resume = training_args.resume_from_checkpoint
+    if resume in ("last", "auto", "true", "True"):
+        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        logger.info("resuming from %s", resume or "scratch (no checkpoint found)")
+    trainer.train(resume_from_checkpoint=resume)
+
+    metrics = None
+    if val_ds is not None:
+        metrics = {k.removeprefix("eval_"): float(v) for k, v in trainer.evaluate().items()
+                   if k.removeprefix("eval_") in ("SROCC", "PLCC", "Rank1", "Rank2", "Final")}
+    meta = CheckpointMeta(
+        family=family.name, mos_low=scale.low, mos_high=scale.high, question=DEFAULT_QUESTION,
+        train_frames=data_args.num_frames, base_model=base_model if method.method == "lora" else None,
+        metrics=metrics,
+        recipe={"method": method.method, "loss": method.loss, "base": base_model,
+                "train_csv": data_args.train_csv, "epochs": training_args.num_train_epochs,
+                "max_steps": training_args.max_steps, "learning_rate": training_args.learning_rate},
+    )
+    out = save_outputs(trainer, processor, meta, training_args.output_dir)
+    logger.info("saved %s", out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
