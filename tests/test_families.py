@@ -142,6 +142,7 @@ def test_left_padded_batch_equals_one_at_a_time(family_name, setup):
         assert (batched.batch["attention_mask"] == 0).any()  # the two prompts differ in length
         together = level_logits(model, batched, ids)
         right = level_logits(model, family.build_inputs(processor, clips, questions, padding_side="right"), ids)
+    assert (single[0] - single[1]).abs().max() > 1e-4  # the pixels reach the level logits
     torch.testing.assert_close(together, single, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(right, single, atol=1e-5, rtol=1e-4)
 
@@ -174,6 +175,25 @@ def test_refuses_unequal_frame_counts_in_a_batch(family_name, tiny_models):
         family.build_inputs(processor, [_moving_crop(4, 64, 64), _moving_crop(2, 64, 64)])
 
 
+def _frames_fed(family_name: str, batch: dict) -> int:
+    if family_name.startswith("qwen"):
+        return int(batch["video_grid_thw"][0, 0]) * 2  # temporal patches of 2 frames
+    if family_name == "llava_onevision":
+        return batch["pixel_values_videos"].shape[1]
+    return batch["pixel_values"].shape[0]  # internvl: one tile per frame
+
+
+@pytest.mark.parametrize("family_name", [f for f in TINY_FAMILIES if f != "mplug_owl2"])
+def test_processor_never_resamples_frames(family_name, setup):
+    family, _, processor = setup
+    processor = copy.deepcopy(processor)
+    processor.video_processor.do_sample_frames = True  # as some released checkpoints ship it
+    processor.video_processor.num_frames = 4
+    for frames in (6, 16):
+        inputs = family.build_inputs(processor, [_moving_crop(frames, 64, 64)])
+        assert _frames_fed(family_name, inputs.batch) == frames
+
+
 # ----- Qwen-specific behaviour ------------------------------------------------------------------
 @pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_odd_frame_count_repeats_the_last_frame(family_name, setup):
@@ -194,6 +214,8 @@ def test_qwen_keeps_every_frame_it_is_given(family_name, setup):
     for frames in (2, 8, 16):
         inputs = family.build_inputs(processor, [_moving_crop(frames, 64, 64)])
         assert int(inputs.batch["video_grid_thw"][0, 0]) == frames // 2
+        # every key the processor returns is kept (M-RoPE needs mm_token_type_ids)
+        assert "mm_token_type_ids" in inputs.batch
 
 
 def test_qwen3_timestamps_follow_clip_fps(tiny_models):
