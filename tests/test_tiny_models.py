@@ -65,3 +65,9 @@ def test_unknown_family_is_refused(tmp_path):
         builder.build_tiny_model("nope", tmp_path)
     with pytest.raises(SystemExit):
         builder.main(["--out", str(tmp_path), "--family", "nope"])
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["qwen2_vl", "internvl"], indirect=True)
+def test_tiny_model_dir_fixture_gives_the_family_directory(tiny_model_dir, tiny_models):
+    assert tiny_model_dir == tiny_models(tiny_model_dir.name)  # built once per session
+    assert json.loads((tiny_model_dir / "config.json").read_text())["model_type"] == tiny_model_dir.name
