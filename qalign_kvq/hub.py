@@ -203,7 +203,7 @@ def push_to_hub(directory: str | os.PathLike, repo_id: str, private: bool = Fals
     with tempfile.TemporaryDirectory(prefix="qalign_kvq_merged_") as tmp:
         folder = merge_lora_checkpoint(directory, tmp) if merge_lora else directory
         write_model_card(folder, repo_id)
-        url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        url = api.create_repo(repo_id, token=token, private=True if private else None, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message,
                           ignore_patterns=list(IGNORE_PATTERNS))
     return str(url)

