@@ -1,6 +1,7 @@
 """Video input: probing and reading frames, frame sampling, clip augmentation, scoring views,
 sandwich detection and typed errors."""
 
+from .crops import DEFAULT_VIEW_RATIO, augment_clip, five_crop_views, view_weights
 from .errors import (
     EmptyVideoError,
     NotAVideoError,
@@ -11,8 +12,15 @@ from .errors import (
 )
 from .reader import VideoInfo, probe, read_frames
 from .sampling import per_second_indices, random_indices, uniform_indices
+from .sandwich import SandwichInfo, detect_sandwich
 
 __all__ = [
+    "DEFAULT_VIEW_RATIO",
+    "SandwichInfo",
+    "augment_clip",
+    "detect_sandwich",
+    "five_crop_views",
+    "view_weights",
     "EmptyVideoError",
     "NoVideoStreamError",
     "NotAVideoError",
