@@ -164,7 +164,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, loaded, famil
     plain = _grads(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     checkpointed = _grads(model, batch)
-    assert model.model.layers[0].gradient_checkpointing and model.model.vision_model.encoder.layers[0].gradient_checkpointing
+    assert model.model.layers[0].gradient_checkpointing
+    assert model.model.vision_model.encoder.layers[0].gradient_checkpointing
     assert plain.keys() == checkpointed.keys()
     for prefix in ("model.vision_model.", "model.visual_abstractor.", "model.layers.", "lm_head."):
         assert any(n.startswith(prefix) for n in plain), prefix

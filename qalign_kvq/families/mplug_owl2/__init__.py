@@ -7,6 +7,7 @@ Importing this package registers ``model_type`` ``"mplug_owl2"`` with ``AutoConf
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +50,16 @@ class MPLUGOwl2Family(Family):
     def load(self, path: str, *, dtype: torch.dtype | None = None, **kwargs: Any):
         """``(model, processor)`` from a directory or hub id; the processor's placeholder count and
         id are checked against the model config."""
-        processor = AutoProcessor.from_pretrained(path)
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except ValueError as err:
+            # Without sentencepiece, transformers falls back to reading tokenizer.model as tiktoken.
+            if "tiktoken" in str(err) and importlib.util.find_spec("sentencepiece") is None:
+                raise RuntimeError(
+                    f"{path}: cannot read the LLaMA tokenizer.model (as q-future/one-align ships it) "
+                    "without the sentencepiece package: pip install sentencepiece"
+                ) from err
+            raise
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
         processor.num_image_tokens = model.config.num_image_tokens
         if processor.image_token_id != model.config.image_token_index:

@@ -47,19 +47,27 @@ class MPLUGOwl2ImageProcessor(CLIPImageProcessorPil):
         return tuple(int(x * 255) for x in self.image_mean)
 
     def preprocess(self, images, *args, **kwargs) -> BatchFeature:
-        if isinstance(images, (Image.Image, np.ndarray)) and np.asarray(images).ndim == 3:
+        """``images``: one or a list of ``(H, W, 3)`` uint8 arrays or PIL images."""
+        if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3):
             images = [images]
-        padded = [expand_to_square(np.asarray(Image.fromarray(np.asarray(img)).convert("RGB")
-                                              if not isinstance(img, Image.Image) else img.convert("RGB")),
-                                   self.background) for img in images]
+        padded = [expand_to_square(_rgb(image), self.background) for image in images]
         return super().preprocess(padded, *args, **kwargs)
+
+
+def _rgb(image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"an image must be an (H, W, 3) uint8 RGB array; got {image.shape} {image.dtype}")
+    return image
 
 
 def _frames(media: Any) -> list[np.ndarray]:
     """One slot's media -> its frames: an ``(H, W, 3)`` image, a ``(T, H, W, 3)`` clip, a PIL image
     or a list of frames."""
     if isinstance(media, Image.Image):
-        return [np.asarray(media.convert("RGB"))]
+        return [_rgb(media)]
     if isinstance(media, torch.Tensor):
         media = media.numpy()
     if isinstance(media, np.ndarray):
@@ -118,7 +126,8 @@ class MPLUGOwl2Processor(ProcessorMixin):
         slots = [_frames(m) for m in (media or [])]
         n_slots = sum(t.count(self.image_token) for t in texts)
         if n_slots != len(slots):
-            raise ValueError(f"the texts hold {n_slots} {self.image_token} slots but {len(slots)} images/videos were given")
+            raise ValueError(f"the texts hold {n_slots} {self.image_token} slots but {len(slots)} "
+                             "images/videos were given")
         frames = [f for slot in slots for f in slot]
         rows = [self._text_ids(t, slots) for t in texts]
         batch = self.tokenizer.pad({"input_ids": rows}, padding=padding, return_tensors=return_tensors)
