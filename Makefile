@@ -27,10 +27,9 @@ ffmpeg:
 test: $(STAMP) ffmpeg
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+DEMO_OUT ?= demo_out
 demo: $(STAMP) ffmpeg
-	@echo "make demo: not built yet (issue 7). It will build a small real-content KVQ-like set,"
-	@echo "fine-tune a tiny model on CPU with 'accelerate launch recipes/finetune.py', evaluate it"
-	@echo "with the challenge metrics and score one video with 'python -m qalign_kvq.infer'."
+	$(PY) scripts/demo.py --out $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
