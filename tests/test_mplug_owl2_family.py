@@ -243,6 +243,9 @@ def _public_layout(src: Path, dst: Path) -> None:
     config = json.loads((src / "config.json").read_text())
     config.pop("image_token_index")
     config["architectures"] = ["MPLUGOwl2LlamaForCausalLM"]
+    # The public repos point at their remote code; it must be ignored (no trust_remote_code).
+    config["auto_map"] = {"AutoConfig": "configuration_mplug_owl2.MPLUGOwl2Config",
+                          "AutoModelForCausalLM": "modeling_mplug_owl2.MPLUGOwl2LlamaForCausalLM"}
     (dst / "config.json").write_text(json.dumps(config))
     (dst / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": 56, "do_center_crop": True, "do_normalize": True, "do_resize": True,
