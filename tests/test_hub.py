@@ -169,6 +169,47 @@ def test_infer_cli_takes_a_repo_id(trained, offline_cache, capsys):
     assert records[0]["probs"] == pytest.approx(records[1]["probs"], abs=1e-6)
 
 
+def test_recipe_run_pushed_and_loaded_by_repo_id(offline_cache, tmp_path, monkeypatch):
+    """recipes/finetune.py fine-tunes a LoRA adapter of a base model taken from the cache by id and
+    evaluates it; the pushed checkpoint carries that evaluation in its card and, loaded back by repo
+    id, scores like the training output."""
+    from make_tiny_models import build_tiny_model
+    from tests.training_support import homologous_pairs, load_finetune, make_quality_set, write_csv, write_pairs
+
+    from qalign_kvq.scorer import Scorer
+
+    _place_in_cache(build_tiny_model(FAMILY, tmp_path / "base"), BASE_ID)
+    table = make_quality_set(tmp_path / "videos", sources=("carphone", "bikes_a"))
+    rows = [row for source in table.values() for row in source]
+    out = load_finetune().main([
+        "--model_name_or_path", BASE_ID, "--family", FAMILY, "--method", "lora",
+        "--train_csv", str(write_csv(tmp_path / "train.csv", rows)), "--video_root", str(tmp_path / "videos"),
+        "--val_csv", str(write_csv(tmp_path / "val.csv", rows)),
+        "--val_pairs_homologous", str(write_pairs(tmp_path / "pairs.csv", homologous_pairs(table))),
+        "--num_frames", "2", "--eval_num_frames", "2", "--max_steps", "2", "--learning_rate", "1e-2",
+        "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "run"), "--use_cpu", "true",
+        "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"])
+    meta = require_checkpoint(out)
+    assert meta.base_model == BASE_ID and {"SROCC", "PLCC", "Rank1"} <= set(meta.metrics)
+    trained_files = _files(Path(out))
+
+    fake = FakeHub(tmp_path / "remote")
+    fake.install(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert hub.main(["push", str(out), "--repo-id", "org/kvq-lora"]) == 0
+    sent = _files(tmp_path / "remote")
+    assert set(sent) == (set(trained_files) - {"training_args.bin"}) | {"README.md"}
+    card = ModelCard(sent["README.md"].decode())  # replaces peft's placeholder card
+    assert card.data.library_name == "qalign-kvq" and card.data.base_model == BASE_ID
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results} == meta.metrics
+
+    _place_in_cache(tmp_path / "remote", "org/kvq-lora")
+    video = tmp_path / "videos" / rows[0][0]
+    scores = [Scorer.from_pretrained(m, device="cpu", frames=2).score(video) for m in (out, "org/kvq-lora")]
+    assert scores[1].score == pytest.approx(scores[0].score, abs=1e-6)
+    assert scores[1].probs == pytest.approx(scores[0].probs, abs=1e-6)
+
+
 # ----- errors -------------------------------------------------------------------------------
 def test_unknown_repo_id_offline(offline_cache, capsys):
     with pytest.raises(CheckpointNotFoundError, match=r"org/no-such-model: .*not in the local Hugging Face cache"):
