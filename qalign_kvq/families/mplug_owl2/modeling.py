@@ -24,7 +24,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
@@ -37,7 +37,8 @@ from transformers.models.llama.modeling_llama import (
 from qalign_kvq.families.mplug_owl2.configuration import AbstractorSettings, MPLUGOwl2Config, VisionSettings
 
 
-def _attention(module: nn.Module, impl: str | None) -> Callable:
+def _attention(impl: str | None) -> Callable:
+    """The attention function of ``config._attn_implementation`` (eager, sdpa, ...)."""
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl or "eager", eager_attention_forward)
 
 
@@ -99,7 +100,7 @@ class MPLUGOwl2Attention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        attention = _attention(self, self.config._attn_implementation)
+        attention = _attention(self.config._attn_implementation)
         out, _ = attention(
             self, query, key, value, attention_mask,
             dropout=self.config.attention_dropout if self.training else 0.0, scaling=self.scaling,
@@ -159,7 +160,7 @@ class VisionAttention(nn.Module):
         batch, length, _ = hidden_states.shape
         qkv = self.query_key_value(hidden_states).reshape(batch, length, self.num_heads, 3, self.head_dim)
         query, key, value = qkv.permute(3, 0, 2, 1, 4).unbind(0)
-        out, _ = _attention(self, self.config._attn_implementation)(
+        out, _ = _attention(self.config._attn_implementation)(
             self, query, key, value, None, dropout=0.0, scaling=self.scaling, is_causal=False
         )
         return self.dense(out.reshape(batch, length, -1))
@@ -246,7 +247,7 @@ class AbstractorAttention(nn.Module):
         key = self._heads(self.key(keys_values + pos))
         value = self._heads(self.value(keys_values))
         query = self._heads(self.query(queries + self.q_pos_embed.unsqueeze(0).to(queries.dtype)))
-        out, _ = _attention(self, self.config._attn_implementation)(
+        out, _ = _attention(self.config._attn_implementation)(
             self, query, key, value, None, dropout=0.0, scaling=self.scaling, is_causal=False
         )
         return out.reshape(*queries.shape[:-1], -1)
@@ -412,7 +413,7 @@ class MPLUGOwl2Model(MPLUGOwl2PreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> dict:
+    ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -435,11 +436,10 @@ class MPLUGOwl2Model(MPLUGOwl2PreTrainedModel):
                                   position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
         hidden_states = self.norm(hidden_states)
         all_hidden.append(hidden_states)
-        return {
-            "last_hidden_state": hidden_states,
-            "cache": cache,
-            "hidden_states": tuple(all_hidden) if output_hidden_states else None,
-        }
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache,
+                                       hidden_states=tuple(all_hidden) if output_hidden_states else None)
 
 
 def _position_ids(attention_mask: torch.Tensor | None, length: int, past: int, device) -> torch.Tensor:
@@ -493,15 +493,14 @@ class MPLUGOwl2ForConditionalGeneration(MPLUGOwl2PreTrainedModel, GenerationMixi
             position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
-        hidden_states = out["last_hidden_state"]
+        hidden_states = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out["cache"],
-                                      hidden_states=out["hidden_states"])
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, pixel_values=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, **kwargs)

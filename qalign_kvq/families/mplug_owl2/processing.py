@@ -9,7 +9,7 @@ slots is tokenized chunk by chunk, as the original ``tokenizer_image_token`` doe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -102,11 +102,12 @@ class MPLUGOwl2Processor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
 
-    def _text_ids(self, text: str, media: list[list[np.ndarray]]) -> list[int]:
+    def _text_ids(self, text: str, frame_counts: Iterator[int]) -> list[int]:
+        """BOS + the first chunk, then per slot its placeholders and the next chunk (no BOS)."""
         chunks = text.split(self.image_token)
         ids = list(self.tokenizer(chunks[0])["input_ids"])
         for chunk in chunks[1:]:
-            ids += [self.image_token_id] * (self.num_image_tokens * len(media.pop(0)))
+            ids += [self.image_token_id] * (self.num_image_tokens * next(frame_counts))
             ids += list(self.tokenizer(chunk, add_special_tokens=False)["input_ids"])
         return ids
 
@@ -121,7 +122,7 @@ class MPLUGOwl2Processor(ProcessorMixin):
         if images is not None and videos is not None:
             raise ValueError("pass images or videos, not both: media fill the <|image|> slots in order")
         media = images if images is not None else videos
-        if media is not None and (isinstance(media, (np.ndarray, Image.Image, torch.Tensor))):
+        if isinstance(media, (np.ndarray, Image.Image, torch.Tensor)):  # a single image or clip
             media = [media]
         slots = [_frames(m) for m in (media or [])]
         n_slots = sum(t.count(self.image_token) for t in texts)
@@ -129,7 +130,8 @@ class MPLUGOwl2Processor(ProcessorMixin):
             raise ValueError(f"the texts hold {n_slots} {self.image_token} slots but {len(slots)} "
                              "images/videos were given")
         frames = [f for slot in slots for f in slot]
-        rows = [self._text_ids(t, slots) for t in texts]
+        frame_counts = iter([len(slot) for slot in slots])
+        rows = [self._text_ids(t, frame_counts) for t in texts]
         batch = self.tokenizer.pad({"input_ids": rows}, padding=padding, return_tensors=return_tensors)
         data = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if frames:
