@@ -22,8 +22,8 @@ from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
     HfHubHTTPError,
+    IncompleteSnapshotError,
     LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -92,6 +92,8 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = Non
                                       f"Hub (or it is private and no valid token was given)") from err
     except RevisionNotFoundError as err:
         raise CheckpointNotFoundError(f"{text}: the repository has no revision {revision!r}") from err
+    except IncompleteSnapshotError as err:
+        raise CheckpointNotFoundError(f"{text}: {err}") from err
     except LocalEntryNotFoundError as err:
         cache = cache_dir or constants.HF_HUB_CACHE
         if constants.is_offline_mode():
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             if is_adapter(directory):
                 resolve_base_model(directory, meta)
             print(directory)
-    except (HubError, OfflineModeIsEnabled, HfHubHTTPError, ValueError) as err:
+    except (HubError, OSError, HfHubHTTPError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

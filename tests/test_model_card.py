@@ -102,3 +102,12 @@ def test_hand_written_card_is_kept(tmp_path):
     _meta(metrics={"SROCC": 0.5}).save(tmp_path)
     write_model_card(tmp_path, "org/x")
     assert ModelCard.load(readme).data.eval_results[0].metric_value == 0.5
+
+
+def test_library_placeholder_card_is_replaced(tmp_path):
+    """peft's save_pretrained writes an unfilled template card: ours replaces it."""
+    _meta().save(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n- **Developed by:** [More Information Needed]\n")
+    write_model_card(tmp_path, "org/x")
+    assert ModelCard.load(readme).data.library_name == "qalign-kvq"
