@@ -115,7 +115,7 @@ class Scorer:
         file = None
         if isinstance(image, (str, os.PathLike)):
             file, image = str(image), load_image(image)
-        array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+        array = np.array(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
         if array.ndim != 3:
             raise ValueError(f"an image must be (H, W, 3), got shape {array.shape}")
         return self.score_frames(array[None], file=file)
@@ -157,4 +157,4 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("RGB"))
