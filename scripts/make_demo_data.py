@@ -232,23 +232,35 @@ def build_source(source: Source, split: str, out_dir: Path, seed: int, num_frame
         transcode(pristine, path, version["qp"], version["filter"])
         rows.append({**version, "filter": version["filter"] or "", "ssim": ssim(path, pristine), "path": path})
     return [{"filename": r["path"].relative_to(out_dir).as_posix(), "score": ssim_to_score(r["ssim"]),
-             "source": source.name, "split": split, "layout": source.layout, "content": source.kind,
+             "source": source.name, "origin": source.ref, "split": split, "layout": source.layout, "content": source.kind,
              "version": k, "process": r["process"], "qp": r["qp"], "filter": r["filter"], "ssim": r["ssim"]}
             for k, r in enumerate(rows)]
 
 
 # ----- splits and pairs ----------------------------------------------------------------------
-def split_sources(names: list[str], seed: int) -> dict[str, str]:
-    """Source -> split, by a seeded shuffle: 25% test, 12.5% val (at least one each), the rest train."""
-    if len(names) < 3:
-        raise ValueError(f"need at least 3 sources to split into train/val/test, got {len(names)}")
-    order = np.random.default_rng(seed).permutation(len(names))
-    n_test = max(1, round(0.25 * len(names)))
-    n_val = max(1, round(0.125 * len(names)))
-    split = {}
-    for rank, i in enumerate(order):
-        split[names[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    return split
+def split_sources(names: list[str], seed: int, groups: list[str] | None = None,
+                  strata: list[str] | None = None) -> dict[str, str]:
+    """Source -> split. Sources of one group (``groups[i]``: the content ``names[i]`` was cut from)
+    stay in one split; the groups of each stratum (``strata[i]``, e.g. video or photo) are shuffled
+    (seeded) and spread evenly over one order, whose first 25% go to test, the next 12.5% to val
+    (at least one group each) and the rest to train."""
+    groups = list(names) if groups is None else list(groups)
+    stratum_of = dict(zip(groups, strata if strata is not None else [""] * len(groups)))
+    unique = list(dict.fromkeys(groups))
+    if len(unique) < 3:
+        raise ValueError(f"need at least 3 sources of distinct content to split into train/val/test, got {len(unique)}")
+    rng = np.random.default_rng(seed)
+    position = {}
+    for stratum in dict.fromkeys(stratum_of.values()):
+        members = [g for g in unique if stratum_of[g] == stratum]
+        for rank, i in enumerate(rng.permutation(len(members))):
+            position[members[i]] = ((rank + 0.5) / len(members), rng.random())
+    order = sorted(unique, key=position.__getitem__)
+    n_test = max(1, round(0.25 * len(unique)))
+    n_val = max(1, round(0.125 * len(unique)))
+    split_of_group = {g: "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+                      for rank, g in enumerate(order)}
+    return {name: split_of_group[group] for name, group in zip(names, groups)}
 
 
 def rank_pairs(rows: list[dict], homologous: bool, seed: int, max_pairs: int = 2000) -> list[tuple[str, str, int]]:
@@ -300,7 +312,9 @@ Each source has 7 versions like KVQ: `v0` pristine upload (x264 QP {pqp}), `v1` 
 Files: `train.csv`, `val.csv`, `test.csv` (`filename,score`, paths relative to this folder);
 `{{val,test}}_pairs_{{homologous,nonhomologous}}.csv` (`video1,video2,label`, label 1 = video1 is
 better, 2 = video2 is better, ties left out); `manifest.csv` (source, split, layout, processing,
-QP, SSIM of every video). The split is by source: {splits}.
+QP, SSIM of every video). The split is by source (the two clips cut from one video stay in one
+split; videos and photos are spread over the splits in proportion):
+{splits}
 """
 
 
@@ -313,7 +327,8 @@ def build(out_dir: Path, num_sources: int = 16, seed: int = 0, jobs: int = 2, nu
     if not 3 <= num_sources <= len(CATALOGUE):
         raise ValueError(f"--sources must be between 3 and {len(CATALOGUE)}, got {num_sources}")
     sources = list(CATALOGUE[:num_sources])
-    split_of = split_sources([s.name for s in sources], seed)
+    split_of = split_sources([s.name for s in sources], seed, groups=[s.ref for s in sources],
+                             strata=[s.kind for s in sources])
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_of: dict[str, list[dict]] = {}
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -332,7 +347,7 @@ def build(out_dir: Path, num_sources: int = 16, seed: int = 0, jobs: int = 2, nu
         for homologous, tag in ((True, "homologous"), (False, "nonhomologous")):
             pairs = rank_pairs(rows, homologous, seed=seed + (1 if homologous else 2))
             _write_csv(out_dir / f"{split}_pairs_{tag}.csv", ["video1", "video2", "label"], pairs)
-    splits = ", ".join(f"{sp} = {', '.join(s.name for s in sources if split_of[s.name] == sp)}" for sp in SPLITS)
+    splits = "\n".join(f"- {sp}: {', '.join(s.name for s in sources if split_of[s.name] == sp)}" for sp in SPLITS)
     (out_dir / "README.md").write_text(README.format(
         n=num_sources, seed=seed, w=CANVAS_W, h=CANVAS_H, lo=SSIM_DB_LOW, hi=SSIM_DB_HIGH,
         frames=num_frames, secs=num_frames / FPS, fps=FPS, pqp=PRISTINE_QP, splits=splits))

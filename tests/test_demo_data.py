@@ -69,9 +69,10 @@ def test_csv_formats_and_files(built):
 def test_split_is_by_source(built):
     manifest = _manifest(built)
     assert len(manifest) == 7 * NUM_SOURCES
-    split_of = {}
+    split_of, split_of_origin = {}, {}
     for row in manifest:
         assert split_of.setdefault(row["source"], row["split"]) == row["split"], row["source"]
+        assert split_of_origin.setdefault(row["origin"], row["split"]) == row["split"], row["origin"]
     assert sorted(set(split_of.values())) == sorted(demo.SPLITS)
     assert [s for s in split_of.values()].count("test") == 2
     for split in demo.SPLITS:
@@ -157,3 +158,18 @@ def test_too_few_sources_is_an_error(tmp_path):
         demo.build(tmp_path, 4, num_frames=1)
     with pytest.raises(ValueError, match="at least 3 sources"):
         demo.split_sources(["a", "b"], 0)
+    with pytest.raises(ValueError, match="at least 3 sources"):
+        demo.split_sources(["a1", "a2", "b"], 0, groups=["a", "a", "b"])
+
+
+def test_clips_of_one_video_stay_in_one_split():
+    names = [s.name for s in demo.CATALOGUE]
+    for seed in range(20):
+        split = demo.split_sources(names, seed, groups=[s.ref for s in demo.CATALOGUE],
+                                   strata=[s.kind for s in demo.CATALOGUE])
+        assert split["bunny_a"] == split["bunny_b"] and split["bikes_a"] == split["bikes_b"]
+        # 3 videos, 12 photos: test and train each get a video and photos
+        for sp in ("train", "test"):
+            kinds = {s.kind for s in demo.CATALOGUE if split[s.name] == sp}
+            assert kinds == {"video", "photo"}, (seed, sp, split)
+        assert any(split[s.name] == "val" for s in demo.CATALOGUE)
