@@ -339,7 +339,6 @@ class MPLUGOwl2PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MPLUGOwl2DecoderLayer", "VisionLayer", "AbstractorLayer"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_attention_backend = True
     # Older conversions of the public checkpoints store RoPE tables; they are recomputed here.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
