@@ -47,6 +47,8 @@ CLIPS: dict[str, tuple[str, list[str]]] = {
     "vfr": ("vfr.mp4", [
         "-i", str(BIKES), "-t", "2", "-vf", "scale=320:136,select='lt(n\\,25)+not(mod(n\\,3))'",
         "-fps_mode", "vfr", *X264, "-an"]),
+    # trimmed without re-encoding: the first 12 frames stay in the file for decoding but an edit list hides them
+    "trimmed": ("trimmed.mp4", ["-i", str(BUNNY), "-t", "2", "-vf", "scale=320:180", *X264, "-an"]),
     "one_frame": ("one_frame.mp4", ["-i", str(BUNNY), "-frames:v", "1", "-vf", "scale=320:180", *X264, "-an"]),
     "tiny": ("tiny.mp4", ["-i", str(BIKES), "-t", "1", "-vf", "scale=32:14", *X264, "-an"]),
     "uhd4k": ("uhd4k.mp4", [
@@ -55,8 +57,12 @@ CLIPS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-# second pass with stream copy (ffmpeg 5 writes the rotation matrix only when remuxing)
-REMUX: dict[str, list[str]] = {"rotated": ["-c", "copy", "-metadata:s:v:0", "rotate=90"]}
+# second pass with stream copy: (arguments before -i, after it); ffmpeg 5 writes the rotation matrix only
+# when remuxing, and a trim without re-encoding is what phone editors and `ffmpeg -ss -c copy` make
+REMUX: dict[str, tuple[list[str], list[str]]] = {
+    "rotated": ([], ["-c", "copy", "-metadata:s:v:0", "rotate=90"]),
+    "trimmed": (["-ss", "0.5"], ["-c", "copy"]),
+}
 
 
 def _ffmpeg(args: list[str], out: Path) -> Path:
@@ -71,7 +77,8 @@ def _make(name: str, out: Path) -> Path:
     if name not in REMUX:
         return _ffmpeg(CLIPS[name][1], out)
     tmp = _ffmpeg(CLIPS[name][1], out.with_name(f"_{out.name}"))
-    _ffmpeg(["-i", str(tmp), *REMUX[name]], out)
+    before, after = REMUX[name]
+    _ffmpeg([*before, "-i", str(tmp), *after], out)
     tmp.unlink()
     return out
 

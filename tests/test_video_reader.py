@@ -30,6 +30,7 @@ EXPECTED = {
     "av1": (320, 180, 25, None, 0),  # decoder name varies (libdav1d / libaom-av1 / av1)
     "rotated": (180, 320, 25, "h264", 90),
     "vfr": (320, 136, 33, "h264", 0),
+    "trimmed": (320, 180, 37, "h264", 0),  # 50 frames in the file, the first 13 hidden by an edit list
     "one_frame": (320, 180, 1, "h264", 0),
     "tiny": (32, 14, 25, "h264", 0),
     "uhd4k": (3840, 2160, 8, "h264", 0),
@@ -66,9 +67,10 @@ def test_probe_and_read_every_clip(video_corpus, name):
     assert clip.std() > 5  # real content, not a blank buffer
 
 
-@pytest.mark.parametrize("name", ["landscape", "rotated", "vfr", "hevc10", "vp9"])
+@pytest.mark.parametrize("name", ["landscape", "rotated", "vfr", "trimmed", "hevc10", "vp9"])
 def test_frames_match_ffmpeg_cli(video_corpus, name):
-    """Frame i is the i-th displayed frame, the same one ffmpeg's select=eq(n,i) gives (VFR included)."""
+    """Frame i is the i-th displayed frame, the same one ffmpeg's select=eq(n,i) gives (VFR and edit lists
+    included)."""
     info = probe(video_corpus[name])
     for i in (0, info.num_frames // 2, info.num_frames - 1):
         ours = read_frames(video_corpus[name], [i], backend="pyav")[0].astype(int)
@@ -80,8 +82,8 @@ def test_frames_match_ffmpeg_cli(video_corpus, name):
             assert np.abs(other - ref).mean() > np.abs(ours - ref).mean()
 
 
-@pytest.mark.parametrize("name", ["landscape", "portrait", "sandwich_blur", "rotated", "vfr", "one_frame", "tiny",
-                                  "hevc10", "uhd4k"])
+@pytest.mark.parametrize("name", ["landscape", "portrait", "sandwich_blur", "rotated", "vfr", "trimmed", "one_frame",
+                                  "tiny", "hevc10", "uhd4k"])
 def test_decord_and_pyav_agree(video_corpus, name):
     """Same indices, same frames. 8-bit H.264 is bit-exact; 10-bit HEVC differs by the 10->8 bit conversion
     (tolerance: mean abs difference < 2, max < 40 grey levels)."""

@@ -82,18 +82,31 @@ def _to_rgb(frame: av.VideoFrame, rotation: int) -> np.ndarray:
 
 
 def _packet_table(container, stream) -> tuple[list[int], list[int]] | None:
-    """Presentation timestamps of all frames (sorted) and of the keyframes, from packets (no decoding).
-    None when some packet has no timestamp (then frames are counted while decoding)."""
+    """Presentation timestamps of all shown frames (sorted) and of the keyframes, from packets (no
+    decoding). Packets an edit list discards (e.g. after a trim without re-encoding) are decoded as
+    references but never shown, so they are not frames. None when some packet has no timestamp."""
     pts, keys = [], []
     for packet in container.demux(stream):
         if packet.size == 0:
             continue
         if packet.pts is None:
             return None
-        pts.append(packet.pts)
         if packet.is_keyframe:
             keys.append(packet.pts)
+        if not packet.is_discard:
+            pts.append(packet.pts)
     return sorted(pts), sorted(keys)
+
+
+def _header_frames(stream) -> int:
+    """Frame count from the container index (MP4/MOV: every sample, minus those an edit list discards);
+    0 where the container keeps none (Matroska/WebM, raw streams)."""
+    if stream.frames <= 0:
+        return 0
+    entries = stream.index_entries
+    if len(entries) == stream.frames:
+        return sum(1 for e in entries if not e.is_discard)
+    return stream.frames
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -101,7 +114,7 @@ def probe(path: str | Path) -> VideoInfo:
     p = _check_file(path)
     with _open(p) as c:
         st = c.streams.video[0]
-        num_frames = st.frames
+        num_frames = _header_frames(st)
         if num_frames <= 0:  # Matroska/WebM and raw streams keep no count: count packets, decode nothing
             table = _packet_table(c, st)
             num_frames = len(table[0]) if table else sum(1 for pk in c.demux(st) if pk.size)
@@ -145,7 +158,7 @@ def _read_pyav(p: Path, order: list[int]) -> np.ndarray:
     with _open(p) as c:
         st = c.streams.video[0]
         table = _packet_table(c, st)
-        num_frames = st.frames if st.frames > 0 else (len(table[0]) if table else 0)
+        num_frames = _header_frames(st) or (len(table[0]) if table else 0)
         if table is not None and num_frames <= 0:
             raise EmptyVideoError(p, "the video stream has no frames")
         if table is not None:
@@ -156,7 +169,7 @@ def _read_pyav(p: Path, order: list[int]) -> np.ndarray:
         wanted = sorted(set(order))
         st.thread_type = "AUTO"
         got: dict[int, np.ndarray] = {}
-        if table is None:  # no timestamps: count frames while decoding from the start
+        if table is None:  # no timestamps: count the shown frames while decoding from the start
             c.seek(0)
             for i, frame in enumerate(c.decode(st)):
                 if i in wanted:
