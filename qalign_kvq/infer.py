@@ -6,8 +6,8 @@
     python -m qalign_kvq.infer --calibrate truth.csv --model DIR               # affine map -> MOS
 
 Batch output: ``.jsonl`` holds one record per video (errors as ``{"file", "error"}``); ``.csv`` is
-the submission format ``filename,score``, written (atomically, in input order, errors left out)
-from the records kept beside it in ``<output>.jsonl``. Every record is appended as one complete
+the submission format ``filename,score``, written (atomically, errors left out) from the records
+kept beside it in ``<output>.jsonl``. At the end of a run the records are in input order. Every record is appended as one complete
 line and fsync'ed, so a kill loses at most the video in flight; a rerun skips the files that
 already have a record (``--retry-errors`` scores the failed ones again). Under ``accelerate
 launch`` each process scores its share into ``<records>.part<rank>`` and rank 0 merges them in
@@ -153,7 +153,7 @@ def build_scorer(args, device=None):
     from qalign_kvq.scoring import ViewOptions
 
     options = ViewOptions(frames=args.frames, crop_ratio=args.crop_ratio, center_weight=args.center_weight,
-                          include_full=args.include_full, crop_sandwich=not args.no_sandwich_crop,
+                          include_full=args.include_full, crop_sandwich=args.crop_sandwich,
                           batch_size=args.views_per_forward)
     return Scorer.from_pretrained(args.model, device=device or args.device, dtype=args.dtype,
                                   weights=args.model_weight, options=options)
@@ -193,8 +193,7 @@ def run_batch(args) -> int:
     if state.is_main_process:
         for path in [records, *part_files(records)]:
             repair_tail(path)
-        if not distributed:
-            merge_parts(records, order)  # leftovers of an interrupted multi-process run
+        merge_parts(records, order)  # leftovers of an interrupted multi-process run
         if args.retry_errors:
             kept = [r for r in read_records(records) if not ("error" in r and r["file"] in order)]
             write_text_atomic(records, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
@@ -215,6 +214,10 @@ def run_batch(args) -> int:
     if state.is_main_process:
         merge_parts(records, order)
         final = read_records(records)
+        canonical = sorted(final, key=lambda r: order.get(r["file"], -1))  # older names first, then input order
+        if canonical != final:  # e.g. parts of an interrupted multi-process run were merged first
+            write_text_atomic(records, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in canonical))
+            final = canonical
         if output != records:
             write_submission_csv(output, final)
         errors = [r for r in final if "error" in r and r["file"] in order]
@@ -289,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-ratio", type=float, default=0.8, help="FiveCrop size as a share of each side (0.8)")
     p.add_argument("--center-weight", type=float, default=2.0, help="weight of the centre crop (corners: 1)")
     p.add_argument("--include-full", action="store_true", help="add the uncropped frames as a sixth view")
-    p.add_argument("--no-sandwich-crop", action="store_true", help="do not crop sandwich videos to their content")
+    p.add_argument("--crop-sandwich", action="store_true", help="crop detected sandwich videos to their content band")
     p.add_argument("--views-per-forward", type=int, help="views per model forward (default: all views at once)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")

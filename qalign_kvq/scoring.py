@@ -31,13 +31,14 @@ from qalign_kvq.video.sandwich import detect_sandwich
 class ViewOptions:
     """Self-ensemble settings: frames per video, crop size (share of each side), centre weight
     (corners weigh 1), whether the uncropped frames are a sixth view, whether a detected sandwich
-    video is cropped to its content band, and views per forward (None: all views in one)."""
+    video is cropped to its content band (off by default: training sees the whole canvas), and
+    views per forward (None: all views in one)."""
 
     frames: int = 12
     crop_ratio: float = DEFAULT_VIEW_RATIO
     center_weight: float = 2.0
     include_full: bool = False
-    crop_sandwich: bool = True
+    crop_sandwich: bool = False
     batch_size: int | None = None
 
 

@@ -102,6 +102,11 @@ def test_broken_files_are_recorded_and_the_batch_goes_on(checkpoint, video_corpu
     # a rerun has nothing left to do and still reports the failures
     assert infer.main(["--videos", str(folder), "--model", str(checkpoint), "--output", str(out), *FAST]) == 1
     assert len(_records(out)) == 6
+    # --retry-errors scores the failed files again and replaces their records
+    assert infer.main(["--videos", str(folder), "--model", str(checkpoint), "--output", str(out), *FAST,
+                       "--retry-errors"]) == 1
+    again = _records(out)
+    assert len(again) == 6 and {r["file"] for r in again} == set(records)
 
 
 def test_csv_output_feeds_evaluate(checkpoint, good_videos, tmp_path, capsys):
@@ -137,6 +142,15 @@ def test_killed_batch_resumes_to_the_same_file(checkpoint, good_videos, tmp_path
     assert infer.main([*args, "--output", str(killed)]) == 0
     assert killed.read_bytes() == whole.read_bytes()
     assert _strip_timing(_records(records)) == _strip_timing(_records(infer.records_path(whole)))
+
+    # leftovers of an interrupted two-process run (part files) are merged in input order, the rest scored
+    parted = tmp_path / "parted.jsonl"
+    done = _records(infer.records_path(whole))
+    Path(f"{parted}.part1").write_text("".join(json.dumps(r) + "\n" for r in done[3:5]))
+    Path(f"{parted}.part0").write_text(json.dumps(done[0]) + "\n")
+    assert infer.main([*args, "--output", str(parted)]) == 0
+    assert _strip_timing(_records(parted)) == _strip_timing(done)
+    assert not list(tmp_path.glob("parted.jsonl.part*"))
 
 
 def test_calibrate_stores_an_affine_map(checkpoint, good_videos, tmp_path, capsys):

@@ -99,13 +99,14 @@ def test_sandwich_video_is_cropped_to_its_content(scorer, video_corpus):
     path = video_corpus["sandwich_black"]
     clip = read_frames(path, uniform_indices(probe(path).num_frames, 12))
     box = detect_sandwich(clip).box
-    result = scorer.score_frames(clip)
+    result = Scorer(scorer.models, options=ViewOptions(crop_sandwich=True)).score_frames(clip)
     assert result.sandwich_box == list(box)
     top, bottom, left, right = box
-    views = make_views(clip, ViewOptions())
+    assert bottom - top < clip.shape[1]
+    views = make_views(clip, ViewOptions(crop_sandwich=True))
     centre = views.clips[views.names.index("center")]
     assert centre.shape[1] <= bottom - top and centre.shape[2] <= right - left
-    plain = Scorer(scorer.models, options=ViewOptions(crop_sandwich=False)).score_frames(clip)
+    plain = scorer.score_frames(clip)  # the default keeps the whole canvas
     assert plain.sandwich_box is None and plain.score != pytest.approx(result.score, abs=1e-7)
 
 
