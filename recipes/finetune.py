@@ -12,6 +12,7 @@ everything ``python -m qalign_kvq.infer`` needs.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -40,8 +41,22 @@ def training_arguments(fields: dict, method, has_val: bool, has_pairs: bool) -> 
     (its own batch keys are kept, evaluation reads ``mos``) and defaults that depend on the run."""
     fields = {**fields, "remove_unused_columns": False, "label_names": ["mos"]}
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if fields.get("ddp_backend") is None and distributed and not torch.cuda.is_available():
-        fields["ddp_backend"] = "gloo"  # CPU processes talk over gloo (DDP and DeepSpeed alike)
+    if distributed and not torch.cuda.is_available():
+        # CPU processes talk over gloo. The Trainer passes ddp_backend on for DDP but not for
+        # DeepSpeed, whose ranks would each believe they are alone: set the state up here instead.
+        if fields.get("deepspeed"):
+            from accelerate import PartialState
+
+            if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+                raise RuntimeError("DeepSpeed on CPU: launch without ACCELERATE_USE_CPU=1 (it makes the Trainer skip "
+                                   "DeepSpeed); see recipes/accelerate/cpu_zero2.yaml")
+
+            PartialState(backend="gloo")
+            config = fields.get("accelerator_config") or {}
+            config = json.loads(config) if isinstance(config, str) else dict(config)
+            fields["accelerator_config"] = {**config, "use_configured_state": True}
+        elif fields.get("ddp_backend") is None:
+            fields["ddp_backend"] = "gloo"
     if fields.get("gradient_checkpointing") and fields.get("gradient_checkpointing_kwargs") is None:
         # PEFT + ZeRO-3 needs reentrant checkpointing (the adapter's inputs get requires_grad).
         fields["gradient_checkpointing_kwargs"] = {"use_reentrant": method.method == "lora"}
@@ -86,6 +101,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
                                 data_args.val_pairs_xlsx, known=val["filename"])
     has_pairs = bool(pairs and (pairs.homologous or pairs.nonhomologous))
     training_args = training_arguments(training_fields, method, val is not None, has_pairs)
+    # Set up the process group now: ZeRO-3 partitions the weights while they load (zero.Init), and
+    # needs to know the world size by then.
+    device = training_args.device
 
     # Model.
     dtype = resolve_dtype(model_args.dtype, method.method)
@@ -116,6 +134,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
         vision_param_filter=lambda name: in_group(name, vision_prefixes),
     )
 
+    if training_args.deepspeed and not trainer.is_deepspeed_enabled:
+        raise RuntimeError(f"DeepSpeed config {training_args.deepspeed} given but the Trainer runs without DeepSpeed "
+                           f"(on CPU, launch DeepSpeed runs without ACCELERATE_USE_CPU=1; see recipes/accelerate/)")
+    state = trainer.accelerator.state
+    logger.info("distributed: %s, %d processes, deepspeed: %s", state.distributed_type, state.num_processes,
+                trainer.is_deepspeed_enabled)
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "auto", "true", "True"):
         resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
