@@ -226,7 +226,10 @@ def run_batch(args) -> int:
         print(f"{scored} scored, {failed} failed, {len(todo)} this run -> {output}", file=sys.stderr)
         for record in errors[:20]:
             print(f"  failed: {record['file']}: {record['error']}", file=sys.stderr)
-    state.wait_for_everyone()
+    if distributed:  # every process exits with the same code
+        from accelerate.utils import broadcast_object_list
+
+        failed = broadcast_object_list([failed], from_process=0)[0]
     return 1 if failed else 0
 
 
