@@ -1,7 +1,8 @@
 """Read video metadata and selected frames (uint8 RGB, rotation applied) with PyAV or decord.
 
 Only the requested frames are converted and kept, so memory stays bounded for long and 4K videos.
-Frame `i` is the i-th frame in presentation order, as decord counts them.
+Frame `i` is the i-th frame shown, in presentation order, as ffmpeg's select=eq(n,i) filter numbers them
+(frames an edit list hides are not counted; decord counts them but returns the same frames below that).
 """
 
 from __future__ import annotations
@@ -225,8 +226,8 @@ def read_frames(path: str | Path, indices: Sequence[int], backend: str = "auto")
     """Return frames `indices` (any order, repeats allowed) as a uint8 RGB array (len(indices), H, W, 3).
 
     backend: "pyav" (seek-based, decodes only the GOPs that hold the frames), "decord", or "auto":
-    PyAV, which was as fast as or faster than decord on every clip of scripts/bench_video.py (see
-    docs/benchmarks.md), with decord tried only where PyAV fails to decode. Broken files raise a typed
+    PyAV, which needed no more CPU time than decord on any clip of scripts/bench_video.py (see
+    docs/benchmarks.md) and, unlike decord 0.6, reads VP9 and AV1; decord is tried where PyAV fails. Broken files raise a typed
     `VideoError` (for decord, after a PyAV probe, so decord never sees a file FFmpeg cannot open);
     indices outside the video raise IndexError.
     """
