@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QWEN25_VL_3B_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                          num_key_value_heads=2, hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6,
                          vocab_size=151936, use_sliding_window=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]})
 QWEN25_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
                            out_hidden_size=2048, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                            window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
@@ -190,7 +191,8 @@ def bench_training(model, processor, family, bank: np.ndarray, method: str, batc
     else:
         model = prepare_model(model, family, "full", freeze_vision=False, freeze_projector=False,
                               freeze_language=False, gradient_checkpointing=True)
-    fields = dict(output_dir=str(workdir / f"out_{method}"), max_steps=warmup + steps, per_device_train_batch_size=batch_size,
+    fields = dict(output_dir=str(workdir / f"out_{method}"), max_steps=warmup + steps,
+                  per_device_train_batch_size=batch_size,
                   gradient_accumulation_steps=1, learning_rate=2e-4 if method == "lora" else 2e-5,
                   lr_scheduler_type="constant", bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=True,
                   save_strategy="no", logging_steps=10**6, report_to="none", dataloader_num_workers=0,

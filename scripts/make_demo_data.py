@@ -232,7 +232,8 @@ def build_source(source: Source, split: str, out_dir: Path, seed: int, num_frame
         transcode(pristine, path, version["qp"], version["filter"])
         rows.append({**version, "filter": version["filter"] or "", "ssim": ssim(path, pristine), "path": path})
     return [{"filename": r["path"].relative_to(out_dir).as_posix(), "score": ssim_to_score(r["ssim"]),
-             "source": source.name, "origin": source.ref, "split": split, "layout": source.layout, "content": source.kind,
+             "source": source.name, "origin": source.ref, "split": split, "layout": source.layout,
+             "content": source.kind,
              "version": k, "process": r["process"], "qp": r["qp"], "filter": r["filter"], "ssim": r["ssim"]}
             for k, r in enumerate(rows)]
 
@@ -318,12 +319,13 @@ split; videos and photos are spread over the splits in proportion):
 """
 
 
-def build(out_dir: Path, num_sources: int = 16, seed: int = 0, jobs: int = 2, num_frames: int = NUM_FRAMES) -> list[dict]:
+def build(out_dir: Path, num_sources: int = 16, seed: int = 0, jobs: int = 2,
+          num_frames: int = NUM_FRAMES) -> list[dict]:
     """Build the set into ``out_dir``; returns the manifest rows."""
     if shutil.which("ffmpeg") is None:
         raise RuntimeError("ffmpeg is not on PATH: install it (e.g. apt-get install ffmpeg)")
-    if not 2 <= num_frames <= 120:
-        raise ValueError(f"--frames must be between 2 and 120, got {num_frames}")
+    if not 2 <= num_frames <= NUM_FRAMES:  # the sample videos hold two 60-frame clips at most
+        raise ValueError(f"--frames must be between 2 and {NUM_FRAMES}, got {num_frames}")
     if not 3 <= num_sources <= len(CATALOGUE):
         raise ValueError(f"--sources must be between 3 and {len(CATALOGUE)}, got {num_sources}")
     sources = list(CATALOGUE[:num_sources])
@@ -341,7 +343,8 @@ def build(out_dir: Path, num_sources: int = 16, seed: int = 0, jobs: int = 2, nu
                [[f"{row[c]:.4f}" if c == "score" else row[c] for c in columns] for row in manifest])
     for split in SPLITS:
         rows = [row for row in manifest if row["split"] == split]
-        _write_csv(out_dir / f"{split}.csv", ["filename", "score"], [[r["filename"], f"{r['score']:.4f}"] for r in rows])
+        _write_csv(out_dir / f"{split}.csv", ["filename", "score"],
+                   [[r["filename"], f"{r['score']:.4f}"] for r in rows])
         if split == "train":
             continue
         for homologous, tag in ((True, "homologous"), (False, "nonhomologous")):

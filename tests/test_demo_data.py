@@ -32,7 +32,8 @@ def built(tmp_path_factory) -> Path:
     """The reduced set, built through the command line."""
     out = tmp_path_factory.mktemp("demo") / "set"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(out),
-                           "--sources", str(NUM_SOURCES), "--seed", "0", "--frames", str(FRAMES)], capture_output=True, text=True)
+                           "--sources", str(NUM_SOURCES), "--seed", "0", "--frames", str(FRAMES)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "not human opinion" in proc.stdout
     return out
