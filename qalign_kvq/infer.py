@@ -6,12 +6,12 @@
     python -m qalign_kvq.infer --calibrate truth.csv --model DIR               # affine map -> MOS
 
 Batch output: ``.jsonl`` holds one record per video (errors as ``{"file", "error"}``); ``.csv`` is
-the submission format ``filename,score``, written (atomically, errors left out) from the records
-kept beside it in ``<output>.jsonl``. At the end of a run the records are in input order. Every record is appended as one complete
-line and fsync'ed, so a kill loses at most the video in flight; a rerun skips the files that
-already have a record (``--retry-errors`` scores the failed ones again). Under ``accelerate
-launch`` each process scores its share into ``<records>.part<rank>`` and rank 0 merges them in
-input order. Exit code: 0 all scored, 1 some failed, 2 usage or model error.
+the submission format ``filename,score``, written atomically (errors left out) from the records
+kept beside it in ``<output>.jsonl``. Every record is appended as one complete line and fsync'ed,
+so a kill loses at most the video in flight; a rerun skips the files that already have a record
+(``--retry-errors`` scores the failed ones again), and a finished run leaves the records in input
+order. Under ``accelerate launch`` each process scores its share into ``<records>.part<rank>`` and
+rank 0 merges them in input order. Exit code: 0 all scored, 1 some failed, 2 usage or model error.
 """
 
 from __future__ import annotations
@@ -286,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--video", help="score one video, print one JSON object")
     what.add_argument("--videos", nargs="+", help="video files, folders and/or CSVs (filename column)")
-    what.add_argument("--calibrate", metavar="TRUTH_CSV", help="fit scores -> MOS on filename,score and store it")
-    p.add_argument("--model", nargs="+", action="extend", required=True, help="checkpoint dir or hub id (several: ensemble)")
+    what.add_argument("--calibrate", metavar="TRUTH_CSV",
+                      help="fit scores -> MOS on a filename,score CSV and store it with the model")
+    p.add_argument("--model", nargs="+", action="extend", required=True,
+                   help="checkpoint dir or hub id (several: an ensemble)")
     p.add_argument("--model-weight", nargs="+", action="extend", type=float, help="one weight per --model")
     p.add_argument("--output", help="JSONL or CSV (filename,score) file for --videos")
     p.add_argument("--root", help="base folder of the names in CSVs / folders")
