@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
             check_videos(val, data_args.val_csv, readable=data_args.check_videos == "probe")
         pairs = read_rank_pairs(data_args.val_pairs_homologous, data_args.val_pairs_nonhomologous,
                                 data_args.val_pairs_xlsx, known=val["filename"])
-    has_pairs = bool(pairs and (pairs.homologous or pairs.nonhomologous))
+    has_pairs = bool(pairs and pairs.homologous and pairs.nonhomologous)  # Final needs both
     training_args = training_arguments(training_fields, method, val is not None, has_pairs)
     # Set up the process group now: ZeRO-3 partitions the weights while they load (zero.Init), and
     # needs to know the world size by then.

