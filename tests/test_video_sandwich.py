@@ -34,10 +34,12 @@ def test_ordinary_videos_are_not_flagged(video_corpus, name):
 
 
 def test_static_bands_need_several_frames(video_corpus):
-    """Bands holding a still picture (a title card made of a real frame) are found from their lack of motion."""
-    moving = _frames(video_corpus["portrait"], 8)
-    clip = np.repeat(moving[:1], 8, axis=0)  # top and bottom: the first frame, frozen
-    clip[:, 100:220] = moving[:, 100:220]  # middle: the moving video
+    """Bands holding a still picture (a real frame of another clip, as a title card) around moving
+    content are found from their lack of motion."""
+    moving = _frames(video_corpus["portrait"], 8)  # (8, 320, 180, 3)
+    still = np.rot90(read_frames(video_corpus["uhd4k"], [0])[0][::12, ::12])  # (320, 180, 3)
+    clip = np.repeat(still[None], 8, axis=0)
+    clip[:, 100:220] = moving[:, 100:220]
     info = detect_sandwich(clip)
     assert info.is_sandwich and abs(info.box[0] - 100) <= 3 and abs(info.box[1] - 220) <= 3
     assert not detect_sandwich(clip[:1]).is_sandwich  # one frame cannot tell a still band from content
