@@ -1,0 +1,92 @@
+"""Every shipped recipe YAML, DeepSpeed JSON and accelerate config is valid against what reads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from qalign_kvq.families import get_family
+from qalign_kvq.training.arguments import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
+ACCELERATE = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+
+
+def test_the_required_recipes_are_shipped():
+    names = {p.stem for p in RECIPES}
+    for needed in ("tiny_cpu", "kvq_onealign_lora", "kvq_qwen2_5_vl_7b_lora", "kvq_qwen2_5_vl_7b_full",
+                   "kvq_qwen2_5_vl_3b_lora", "kvq_qwen2_5_vl_3b_full", "kvq_qwen3_vl_8b_lora", "kvq_qwen3_vl_8b_full",
+                   "kvq_llava_onevision_7b_lora", "kvq_llava_onevision_7b_full", "kvq_internvl3_8b_lora",
+                   "kvq_internvl3_8b_full", "kvq_onealign_lora_stage1_ugc", "kvq_onealign_lora_stage2_kvq"):
+        assert needed in names
+    assert {p.name for p in DS_CONFIGS} >= {"zero2.json", "zero3.json", "zero3_offload.json"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_yaml_is_valid(path, monkeypatch):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# accelerate launch ") and first.endswith(
+        f"recipes/finetune.py recipes/configs/{path.name}"), "each recipe opens with the command that runs it"
+    overrides = [] if torch.cuda.is_available() else ["--bf16", "false"]  # bf16 needs a GPU to validate
+    model, data, method, training = parse_args([str(path), *overrides])
+    get_family(model.family)
+    config = yaml.safe_load(path.read_text())
+    if config.get("deepspeed"):
+        assert (ROOT / config["deepspeed"]).is_file()
+    if config.get("load_best_model_at_end"):
+        assert data.val_csv, "best-checkpoint selection needs a validation set"
+    from transformers import TrainingArguments
+
+    monkeypatch.chdir(ROOT)  # relative deepspeed paths resolve from the repository root, as in the commands
+    args = TrainingArguments(**training)
+    assert args.output_dir == config["output_dir"]
+
+
+def test_onealign_recipe_has_the_q_align_lora_defaults():
+    model, data, method, training = parse_args([str(ROOT / "recipes/configs/kvq_onealign_lora.yaml"), "--bf16", "false"])
+    assert (model.family, method.method, method.lora_r, method.lora_alpha, method.lora_dropout) == (
+        "mplug_owl2", "lora", 128, 256, 0.05)
+    assert method.freeze_vision and method.freeze_projector is False  # abstractor trained, ViT frozen
+    assert training["num_train_epochs"] == 3 and training["learning_rate"] == 2e-4
+    assert data.balance_levels and data.num_frames == 8 and data.crop_ratio == 0.9
+
+
+def test_two_stage_recipe_continues_stage_one():
+    _, _, _, stage1 = parse_args([str(ROOT / "recipes/configs/kvq_onealign_lora_stage1_ugc.yaml"), "--bf16", "false"])
+    model2, data2, _, stage2 = parse_args([str(ROOT / "recipes/configs/kvq_onealign_lora_stage2_kvq.yaml"),
+                                           "--bf16", "false"])
+    assert model2.model_name_or_path == stage1["output_dir"]
+    assert stage1["num_train_epochs"] == 1 and stage2["num_train_epochs"] == 3
+    assert "kvq" in data2.train_csv
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.stem)
+def test_deepspeed_config_is_valid(path):
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    config = json.loads(path.read_text())
+    stage = config["zero_optimization"]["stage"]
+    assert stage == (2 if "zero2" in path.name else 3)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        assert config[key] == "auto", "the Trainer fills batch sizes"
+    ds = HfTrainerDeepSpeedConfig(str(path))
+    assert ds.is_zero3() == (stage == 3)
+    if "offload" in path.name:
+        assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    else:
+        assert "optimizer" not in config, "the Trainer's torch AdamW (no compiled DeepSpeed ops)"
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.stem)
+def test_accelerate_configs(path):
+    config = yaml.safe_load(path.read_text())
+    assert config["num_processes"] == 2
+    if config["distributed_type"] == "DEEPSPEED":
+        assert (ROOT / config["deepspeed_config"]["deepspeed_config_file"]).is_file()
+        assert "mixed_precision" not in config, "the DeepSpeed JSON decides the precision"

@@ -1,0 +1,80 @@
+"""Real multi-process fine-tuning on CPU through ``accelerate launch``: 2 processes with DDP, DeepSpeed
+ZeRO-2 and ZeRO-3 (the shipped ds_configs), each finishing, saving a checkpoint that scores a video.
+
+With one clip per process the global batch equals the single-process batch of 2 in test_training.py,
+so the logged losses must equal the single-process pinned ones: the data is really split across
+the two ranks and the gradients really averaged."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_training import FREEZE, PINNED, SMALL, TINY_RECIPE
+from tests.training_support import ROOT, quality_set, write_csv  # noqa: F401 (fixture)
+
+RUNS = {
+    # name: (accelerate config, ds config, method, extra flags, expected distributed type)
+    "ddp": ("cpu_ddp.yaml", None, "full", [], "MULTI_CPU"),
+    "zero2": ("cpu_zero2.yaml", "zero2.json", "lora", [], "DEEPSPEED"),
+    "zero3": ("cpu_zero3.yaml", "zero3.json", "full", [], "DEEPSPEED"),
+    "zero3_lora_gc": ("cpu_zero3.yaml", "zero3.json", "lora", ["--gradient_checkpointing", "true"], "DEEPSPEED"),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_process_cpu_training_saves_a_scoring_checkpoint(name, tiny_models, quality_set, tmp_path):
+    from qalign_kvq.loading import load_checkpoint
+    from qalign_kvq.modeling import level_probs
+    from qalign_kvq.video import read_frames, uniform_indices
+
+    accelerate_config, ds_config, method, extra, dist_type = RUNS[name]
+    root, _ = quality_set
+    out = tmp_path / "out"
+    csv = write_csv(tmp_path / "train.csv", SMALL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if ds_config is None:
+        env["ACCELERATE_USE_CPU"] = "1"  # DDP on CPU (MULTI_CPU over gloo); DeepSpeed runs must not set it
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / accelerate_config), "--main_process_port", str(_free_port()),
+           str(ROOT / "recipes" / "finetune.py"), TINY_RECIPE,
+           "--model_name_or_path", str(tiny_models("qwen2_5_vl")), "--train_csv", str(csv), "--video_root", str(root),
+           "--val_csv", "", "--output_dir", str(out), "--method", method, *FREEZE[method],
+           "--max_steps", "2", "--per_device_train_batch_size", "1", "--warmup_steps", "0", "--learning_rate", "1e-3",
+           "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--use_cpu", "false", *extra]
+    if ds_config:
+        cmd += ["--deepspeed", str(ROOT / "ds_configs" / ds_config)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert log.count(f"distributed: DistributedType.{dist_type}, 2 processes, deepspeed: {bool(ds_config)}") == 2
+
+    checkpoint = out / "checkpoint-2"
+    assert checkpoint.is_dir()
+    if ds_config:
+        assert (checkpoint / "global_step2").is_dir(), "DeepSpeed wrote its own (partitioned) checkpoint"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    np.testing.assert_allclose(losses, PINNED["qwen2_5_vl"][method][:2], rtol=1e-4)
+
+    model, processor, family, meta = load_checkpoint(out)
+    clip = read_frames(root / "bikes_c" / "qp30.mp4", uniform_indices(8, 4))
+    probs = level_probs(model, family.build_inputs(processor, [clip], meta.question),
+                        family.level_token_ids(processor.tokenizer))
+    assert probs.shape == (1, 5) and torch.isfinite(probs).all()
+    assert float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
