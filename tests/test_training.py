@@ -211,3 +211,20 @@ def test_yaml_is_overridden_by_flags_and_unknown_keys_fail(tmp_path):
         parse_args([str(bad)])
     with pytest.raises(ValueError, match="method must be lora or full"):
         parse_args([TINY_RECIPE, "--method", "qlora"])
+
+
+def test_vision_learning_rate_applies_to_the_vision_side(tiny_models, quality_set, tmp_path):
+    from qalign_kvq.families import get_family
+    from qalign_kvq.training.model import in_group
+
+    root, _ = quality_set
+    rec = Recorder()
+    run_recipe(tiny_models("qwen2_5_vl"), "qwen2_5_vl", root, tmp_path / "out", callbacks=[rec],
+               extra=["--method", "full", "--freeze_vision", "false", "--freeze_projector", "false",
+                      "--vision_learning_rate", "0"])
+    fam = get_family("qwen2_5_vl")
+    side = tuple(fam.vision_prefixes) + tuple(fam.projector_prefixes)
+    vision = {n for n in rec.before if in_group(n, side)}
+    assert vision <= rec.trainable, "the vision side is trainable..."
+    assert all(torch.equal(rec.before[n], rec.after[n]) for n in vision), "...but its learning rate is 0"
+    assert any(not torch.equal(rec.before[n], rec.after[n]) for n in rec.before if n not in vision)
