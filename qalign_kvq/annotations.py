@@ -99,7 +99,8 @@ def _build(rows: list[dict], source: str, video_root: str | os.PathLike, require
     return datasets.Dataset.from_list(rows)
 
 
-def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike, require_scores: bool = True) -> datasets.Dataset:
+def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike,
+                   require_scores: bool = True) -> datasets.Dataset:
     """A KVQ-style CSV (header ``filename,score`` and optionally ``std``) -> Dataset with columns
     ``filename``, ``score``, [``std``], ``path`` (absolute, inside ``video_root``)."""
     path = Path(path)
@@ -128,7 +129,8 @@ def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike, requi
     return _build(rows, source, video_root, require_scores)
 
 
-def read_jsonl_table(path: str | os.PathLike, video_root: str | os.PathLike, require_scores: bool = True) -> datasets.Dataset:
+def read_jsonl_table(path: str | os.PathLike, video_root: str | os.PathLike,
+                     require_scores: bool = True) -> datasets.Dataset:
     """JSON lines, one object per video: ``{"filename"|"video": ..., "score"|"mos": ..., "std": ...}``."""
     path = Path(path)
     source = str(path)
@@ -191,7 +193,8 @@ def check_videos(table: datasets.Dataset, source: str = "annotations", readable:
         raise MissingVideosError(source, problems)
 
 
-def add_levels(table: datasets.Dataset, scale: LevelScale, soft_labels: bool = False, min_std: float = 0.2) -> datasets.Dataset:
+def add_levels(table: datasets.Dataset, scale: LevelScale, soft_labels: bool = False,
+               min_std: float = 0.2) -> datasets.Dataset:
     """Add ``level`` (1 = bad .. 5 = excellent), ``level_word``, ``level_score`` (MOS on the 1..5
     level axis) and, with ``soft_labels``, ``soft_label`` (5 probabilities ordered like
     :data:`LEVEL_WORDS`; the std column, scaled to level units, sets the spread)."""

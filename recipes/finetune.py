@@ -29,8 +29,14 @@ from qalign_kvq.levels import LevelScale
 from qalign_kvq.training.arguments import parse_args
 from qalign_kvq.training.collator import QualityCollator
 from qalign_kvq.training.dataset import ClipDataset, EpochCallback
-from qalign_kvq.training.model import (in_group, load_for_training, prepare_model, resolve_dtype, save_outputs,
-                                       trainable_summary)
+from qalign_kvq.training.model import (
+    in_group,
+    load_for_training,
+    prepare_model,
+    resolve_dtype,
+    save_outputs,
+    trainable_summary,
+)
 from qalign_kvq.training.trainer import QualityTrainer, make_compute_metrics
 
 logger = logging.getLogger("qalign_kvq.finetune")
@@ -62,8 +68,8 @@ def training_arguments(fields: dict, method, has_val: bool, has_pairs: bool) -> 
         fields["gradient_checkpointing_kwargs"] = {"use_reentrant": method.method == "lora"}
     if not has_val:
         fields.update(eval_strategy="no", load_best_model_at_end=False, metric_for_best_model=None)
-    elif fields.get("metric_for_best_model") in (None, "loss", "Final") and not has_pairs:
-        fields["metric_for_best_model"] = "SROCC"  # Final needs rank pairs
+    elif fields.get("metric_for_best_model") in (None, "Final"):
+        fields["metric_for_best_model"] = "Final" if has_pairs else "SROCC"  # Final needs both kinds of pairs
     if fields.get("metric_for_best_model") in ("Final", "SROCC", "PLCC", "Rank1", "Rank2"):
         fields["greater_is_better"] = True
     report_to = fields.get("report_to") or "none"
@@ -75,19 +81,13 @@ def training_arguments(fields: dict, method, has_val: bool, has_pairs: bool) -> 
     return transformers.TrainingArguments(**fields)
 
 
-def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
-    """Run a recipe: ``argv`` as on the command line; ``callbacks``: extra ``TrainerCallback``s."""
-    model_args, data_args, method, training_fields = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    seed = training_fields.get("seed", 42)
-    transformers.set_seed(seed)
-
-    # Data: every row checked before anything trains.
+def load_tables(data_args, soft_labels: bool, seed: int):
+    """``(train, val, scale, pairs)``: annotation tables with levels (the bins from the training MOS
+    range unless given), every video checked before anything trains; ``val``/``pairs`` may be None."""
     train = read_table(data_args.train_csv, data_args.video_root)
     scale = (LevelScale(data_args.mos_low, data_args.mos_high) if data_args.mos_low is not None
              else LevelScale.from_scores(train["score"]))
-    soft = method.loss == "deqa"
-    train = add_levels(train, scale, soft_labels=soft, min_std=data_args.soft_label_min_std)
+    train = add_levels(train, scale, soft_labels=soft_labels, min_std=data_args.soft_label_min_std)
     if data_args.check_videos != "none":
         check_videos(train, data_args.train_csv, readable=data_args.check_videos == "probe")
     if data_args.balance_levels:
@@ -99,11 +99,23 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
             check_videos(val, data_args.val_csv, readable=data_args.check_videos == "probe")
         pairs = read_rank_pairs(data_args.val_pairs_homologous, data_args.val_pairs_nonhomologous,
                                 data_args.val_pairs_xlsx, known=val["filename"])
+    return train, val, scale, pairs
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
+    """Run a recipe: ``argv`` as on the command line; ``callbacks``: extra ``TrainerCallback``s."""
+    model_args, data_args, method, training_fields = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    seed = training_fields.get("seed", 42)
+    transformers.set_seed(seed)
+
+    train, val, scale, pairs = load_tables(data_args, soft_labels=method.loss == "deqa", seed=seed)
     has_pairs = bool(pairs and pairs.homologous and pairs.nonhomologous)  # Final needs both
     training_args = training_arguments(training_fields, method, val is not None, has_pairs)
     # Set up the process group now: ZeRO-3 partitions the weights while they load (zero.Init), and
     # needs to know the world size by then.
-    device = training_args.device
+    logger.info("device %s, process %d of %d", training_args.device, training_args.process_index,
+                training_args.world_size)
 
     # Model.
     dtype = resolve_dtype(model_args.dtype, method.method)

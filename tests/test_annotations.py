@@ -6,8 +6,17 @@ import shutil
 import numpy as np
 import pytest
 
-from qalign_kvq.annotations import (AnnotationError, MissingVideosError, UnsafePathError, add_levels, balance,
-                                    check_videos, read_rank_pairs, read_table, resolve_video_path)
+from qalign_kvq.annotations import (
+    AnnotationError,
+    MissingVideosError,
+    UnsafePathError,
+    add_levels,
+    balance,
+    check_videos,
+    read_rank_pairs,
+    read_table,
+    resolve_video_path,
+)
 from qalign_kvq.levels import LevelScale
 
 

@@ -49,7 +49,8 @@ def test_recipe_yaml_is_valid(path, monkeypatch):
 
 
 def test_onealign_recipe_has_the_q_align_lora_defaults():
-    model, data, method, training = parse_args([str(ROOT / "recipes/configs/kvq_onealign_lora.yaml"), "--bf16", "false"])
+    recipe = str(ROOT / "recipes/configs/kvq_onealign_lora.yaml")
+    model, data, method, training = parse_args([recipe, "--bf16", "false"])
     assert (model.family, method.method, method.lora_r, method.lora_alpha, method.lora_dropout) == (
         "mplug_owl2", "lora", 128, 256, 0.05)
     assert method.freeze_vision and method.freeze_projector is False  # abstractor trained, ViT frozen

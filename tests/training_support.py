@@ -30,7 +30,7 @@ FRAMES = 8
 
 
 def _encode(args: tuple[str, list[str], Path, str, int, Path]) -> None:
-    name, pre, src, crop, qp, out = args
+    _, pre, src, crop, qp, out = args
     cmd = ["ffmpeg", "-v", "error", "-y", *pre, "-i", str(src), "-frames:v", str(FRAMES), "-vf",
            f"{crop},scale={SIDE}:{SIDE}:flags=area", "-c:v", "libx264", "-qp", str(qp), "-preset", "veryfast",
            "-pix_fmt", "yuv420p", "-an", str(out)]

@@ -4,7 +4,6 @@ freeze switches for the vision tower, the projector/abstractor and the language 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,15 +13,12 @@ import torch
 from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
 from qalign_kvq.families import Family, family_for_model_type, get_family
 
-logger = logging.getLogger(__name__)
-
 _WRAPPERS = ("module.", "base_model.model.")
 
 
 def _strip(name: str) -> str:
     for prefix in _WRAPPERS:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
+        name = name.removeprefix(prefix)
     return name
 
 
