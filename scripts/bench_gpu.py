@@ -43,15 +43,17 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Qwen2.5-VL-3B-Instruct's config.json (public), in transformers 5's layout.
-QWEN25_VL_3B_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                         num_key_value_heads=2, hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6,
-                         vocab_size=151936, use_sliding_window=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                          "mrope_section": [16, 24, 24]})
-QWEN25_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
-                           out_hidden_size=2048, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
-                           hidden_act="silu")
+QWEN25_VL_3B_TEXT = {
+    "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+    "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+    "vocab_size": 151936, "use_sliding_window": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+}
+QWEN25_VL_3B_VISION = {
+    "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "in_channels": 3,
+    "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "hidden_act": "silu",
+}
 
 
 def _import_script(path: Path, name: str):
@@ -64,8 +66,14 @@ def _import_script(path: Path, name: str):
 def build_config_and_processor(smoke: bool, workdir: Path):
     """``(config, processor)``: the tiny model's when ``smoke``; else the real 3B dimensions and
     Qwen's default processor sizes around the tiny offline tokenizer."""
-    from transformers import (AutoConfig, AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        AutoConfig,
+        AutoProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     tiny_dir = _import_script(ROOT / "scripts" / "make_tiny_models.py", "make_tiny_models").build_tiny_model(
         "qwen2_5_vl", workdir)
@@ -191,12 +199,12 @@ def bench_training(model, processor, family, bank: np.ndarray, method: str, batc
     else:
         model = prepare_model(model, family, "full", freeze_vision=False, freeze_projector=False,
                               freeze_language=False, gradient_checkpointing=True)
-    fields = dict(output_dir=str(workdir / f"out_{method}"), max_steps=warmup + steps,
-                  per_device_train_batch_size=batch_size,
-                  gradient_accumulation_steps=1, learning_rate=2e-4 if method == "lora" else 2e-5,
-                  lr_scheduler_type="constant", bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=True,
-                  save_strategy="no", logging_steps=10**6, report_to="none", dataloader_num_workers=0,
-                  disable_tqdm=True, seed=0)
+    fields = {"output_dir": str(workdir / f"out_{method}"), "max_steps": warmup + steps,
+              "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": 1,
+              "learning_rate": 2e-4 if method == "lora" else 2e-5, "lr_scheduler_type": "constant",
+              "bf16": on_gpu, "use_cpu": not on_gpu, "gradient_checkpointing": True, "save_strategy": "no",
+              "logging_steps": 10**6, "report_to": "none", "dataloader_num_workers": 0, "disable_tqdm": True,
+              "seed": 0}
     args = finetune.training_arguments(fields, SimpleNamespace(method=method), has_val=False, has_pairs=False)
 
     class StepTimer(TrainerCallback):
@@ -323,10 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"{mode:<6} {r['error']}")
         elif mode == "score":
-            print(f"{mode:<6} {r['videos_per_s']:>14} videos/s {str(r['peak_gib']):>9}  {r['frames']} frames x "
+            print(f"{mode:<6} {r['videos_per_s']:>14} videos/s {r['peak_gib']!s:>9}  {r['frames']} frames x "
                   f"{r['views']} views of {r['view_size']}, {r['tokens_per_view']} tokens/view")
         else:
-            print(f"{mode:<6} {r['samples_per_s']:>13} samples/s {str(r['peak_gib']):>9}  batch {r['batch_size']}, "
+            print(f"{mode:<6} {r['samples_per_s']:>13} samples/s {r['peak_gib']!s:>9}  batch {r['batch_size']}, "
                   f"{r['tokens_per_sample']} tokens/sample, {r['trainable']}")
     return 0
 
