@@ -1,5 +1,6 @@
 """Real multi-process fine-tuning on CPU through ``accelerate launch``: 2 processes with DDP, DeepSpeed
-ZeRO-2 and ZeRO-3 (the shipped ds_configs), each finishing, saving a checkpoint that scores a video.
+ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload (the shipped ds_configs), each finishing and saving a
+checkpoint that scores a video.
 
 With one clip per process the global batch equals the single-process batch of 2 in test_training.py,
 so the logged losses must equal the single-process pinned ones: the data is really split across
@@ -26,6 +27,8 @@ RUNS = {
     "zero2": ("cpu_zero2.yaml", "zero2.json", "lora", [], "DEEPSPEED"),
     "zero3": ("cpu_zero3.yaml", "zero3.json", "full", [], "DEEPSPEED"),
     "zero3_lora_gc": ("cpu_zero3.yaml", "zero3.json", "lora", ["--gradient_checkpointing", "true"], "DEEPSPEED"),
+    # DeepSpeed's CPU Adam (compiled with g++/ninja on first use, ~1 min, then cached)
+    "zero3_offload": ("cpu_zero3_offload.yaml", "zero3_offload.json", "full", [], "DEEPSPEED"),
 }
 
 
