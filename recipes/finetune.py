@@ -83,19 +83,21 @@ def training_arguments(fields: dict, method, has_val: bool, has_pairs: bool) -> 
 
 def load_tables(data_args, soft_labels: bool, seed: int):
     """``(train, val, scale, pairs)``: annotation tables with levels (the bins from the training MOS
-    range unless given), every video checked before anything trains; ``val``/``pairs`` may be None."""
+    range unless given), every video checked before anything trains (by the first process only: a
+    failure there stops the launch); ``val``/``pairs`` may be None."""
+    check = data_args.check_videos != "none" and int(os.environ.get("RANK", "0")) == 0
     train = read_table(data_args.train_csv, data_args.video_root)
     scale = (LevelScale(data_args.mos_low, data_args.mos_high) if data_args.mos_low is not None
              else LevelScale.from_scores(train["score"]))
     train = add_levels(train, scale, soft_labels=soft_labels, min_std=data_args.soft_label_min_std)
-    if data_args.check_videos != "none":
+    if check:
         check_videos(train, data_args.train_csv, readable=data_args.check_videos == "probe")
     if data_args.balance_levels:
         train = balance(train, seed=seed)
     val, pairs = None, None
     if data_args.val_csv:
         val = add_levels(read_table(data_args.val_csv, data_args.val_video_root or data_args.video_root), scale)
-        if data_args.check_videos != "none":
+        if check:
             check_videos(val, data_args.val_csv, readable=data_args.check_videos == "probe")
         pairs = read_rank_pairs(data_args.val_pairs_homologous, data_args.val_pairs_nonhomologous,
                                 data_args.val_pairs_xlsx, known=val["filename"])
