@@ -228,3 +228,29 @@ def test_vision_learning_rate_applies_to_the_vision_side(tiny_models, quality_se
     assert vision <= rec.trainable, "the vision side is trainable..."
     assert all(torch.equal(rec.before[n], rec.after[n]) for n in vision), "...but its learning rate is 0"
     assert any(not torch.equal(rec.before[n], rec.after[n]) for n in rec.before if n not in vision)
+
+
+def test_two_stage_training_continues_the_stage_one_adapter(tiny_models, quality_set, tmp_path):
+    """Stage 1 trains a LoRA adapter; stage 2 starts from that output directory, keeps training the
+    same adapter on another set and records the original base model for scoring."""
+    from qalign_kvq.checkpoint import CheckpointMeta
+    from qalign_kvq.loading import load_checkpoint
+
+    root, _ = quality_set
+    base = tiny_models("qwen2_5_vl")
+    stage1 = run_recipe(base, "qwen2_5_vl", root, tmp_path / "stage1", extra=["--method", "lora", "--lora_r", "4"])
+    rec = Recorder()
+    other = [("bunny_b/qp18.mp4", 4.5), ("bikes_c/qp46.mp4", 1.5), ("bunny_b/qp38.mp4", 2.5), ("bikes_c/qp30.mp4", 3.5)]
+    stage2 = run_recipe(stage1, "qwen2_5_vl", root, tmp_path / "stage2", rows=other,
+                        extra=["--method", "lora", "--lora_r", "16"], callbacks=[rec])
+    first = load_file(str(stage1 / "adapter_model.safetensors"))
+    second = load_file(str(stage2 / "adapter_model.safetensors"))
+    assert first.keys() == second.keys()
+    assert first[next(iter(first))].shape[0] == 4, "stage 2 keeps the stage-1 adapter (rank 4, not 16)"
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert all("lora_" in n or "modules_to_save" in n for n in rec.trainable), sorted(rec.trainable)
+    assert len(rec.losses) == 3
+    meta = CheckpointMeta.load(stage2)
+    assert meta.base_model == str(base) and (meta.mos_low, meta.mos_high) == (1.5, 4.5)
+    model, processor, family, _ = load_checkpoint(stage2)
+    assert family.name == "qwen2_5_vl"
