@@ -81,7 +81,8 @@ def build_config_and_processor(smoke: bool, workdir: Path):
     if smoke:
         return AutoConfig.from_pretrained(tiny_dir), tiny
     tokenizer = tiny.tokenizer
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(),
+                                    video_processor=Qwen2VLVideoProcessor(cap_pixels_per_frame=True),
                                     tokenizer=tokenizer, chat_template=tokenizer.chat_template)
     ids = tokenizer.convert_tokens_to_ids
     text = dict(QWEN25_VL_3B_TEXT, eos_token_id=ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
