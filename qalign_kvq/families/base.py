@@ -67,6 +67,11 @@ class Family:
     vision_prefixes: tuple[str, ...] = ()
     projector_prefixes: tuple[str, ...] = ()
     language_prefixes: tuple[str, ...] = ()
+    #: Constructor options for scoring a public checkpoint that has no ``qalign_kvq.json`` the way its
+    #: authors score it (a qalign-kvq checkpoint stores its own in ``CheckpointMeta.family_options``).
+    zero_shot_options: dict[str, Any] = {}
+    #: Whether the videos of one batch must have the same number of frames (the processor stacks them).
+    equal_frame_counts: bool = False
 
     # ----- loading -------------------------------------------------------------------------
     def load(self, path: str, *, dtype: torch.dtype | None = None, **kwargs: Any):
@@ -101,15 +106,25 @@ class Family:
         """The prompt up to where the trained answer starts (``labels`` cover the rest of ``full``)."""
         return prompt[: -len(ANSWER_PREFIX)]
 
+    def video_kwargs(self, videos: list[np.ndarray]) -> dict[str, Any]:
+        """Extra processor arguments for the videos of a batch (frame metadata, no re-sampling)."""
+        return {"do_sample_frames": False}
+
     def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-        """Run the processor on texts and clips (images when ``T == 1``); returns every key."""
+        """Run the processor on texts and clips (images when ``T == 1``); returns every key. The
+        padding side is passed explicitly: some processors (InternVL) otherwise impose their own."""
         images = [clip[0] for clip in clips if clip.shape[0] == 1]
         videos = [clip for clip in clips if clip.shape[0] > 1]
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
+                                  "padding_side": processor.tokenizer.padding_side}
         if images:
             kwargs["images"] = images
         if videos:
+            if self.equal_frame_counts and len({len(video) for video in videos}) > 1:
+                raise ValueError(f"{self.name}: the clips of one batch must have the same number of frames "
+                                 f"(got {sorted(len(video) for video in videos)}); the processor stacks them")
             kwargs["videos"] = videos
+            kwargs.update(self.video_kwargs(videos))
         return dict(processor(**kwargs))
 
     # ----- the shared logic ------------------------------------------------------------------
@@ -130,7 +145,7 @@ class Family:
         if not (len(clips) == len(questions) == len(words)):
             raise ValueError("clips, questions and level_words must have the same length")
         tokenizer = processor.tokenizer
-        heads, fulls, suffix_lens, answer_lens = [], [], [], []
+        fulls, suffix_lens, answer_lens = [], [], []
         for clip, question, word in zip(clips, questions, words):
             prompt, full = self.chat_texts(processor, question, clip, word)
             head = self.answer_head(prompt)

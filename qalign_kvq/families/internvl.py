@@ -9,12 +9,6 @@ The output embedding is tied to the input embedding in InternVL3 (no separate ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
-import torch
-
 from qalign_kvq.families.base import Family
 
 LANGUAGE_ATTENTION = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
@@ -27,18 +21,4 @@ class InternVLFamily(Family):
     vision_prefixes = ("model.vision_tower.",)
     projector_prefixes = ("model.multi_modal_projector.",)
     language_prefixes = ("model.language_model.", "lm_head.")
-
-    def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-        images = [clip[0] for clip in clips if clip.shape[0] == 1]
-        videos = [clip for clip in clips if clip.shape[0] > 1]
-        # padding_side explicitly: some processors (InternVL) default to their own side
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
-                                  "padding_side": processor.tokenizer.padding_side}
-        if images:
-            kwargs["images"] = images
-        if videos:
-            if len({len(video) for video in videos}) > 1:
-                raise ValueError(f"{self.name}: the clips of one batch must have the same number of frames "
-                                 f"(got {sorted(len(video) for video in videos)}); the processor stacks them")
-            kwargs.update(videos=videos, do_sample_frames=False)
-        return dict(processor(**kwargs))
+    equal_frame_counts = True

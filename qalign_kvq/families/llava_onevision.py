@@ -12,11 +12,7 @@ videos of a batch into one tensor: every clip of a batch must have the same numb
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
-import torch
 
 from qalign_kvq.families.base import ANSWER_PREFIX, Family, answer_text
 
@@ -30,6 +26,7 @@ class LlavaOneVisionFamily(Family):
     vision_prefixes = ("model.vision_tower.",)
     projector_prefixes = ("model.multi_modal_projector.", "model.image_newline")
     language_prefixes = ("model.language_model.", "lm_head.")
+    equal_frame_counts = True
 
     def chat_texts(self, processor, question: str, clip: np.ndarray, level_word: str | None) -> tuple[str, str]:
         messages = [{"role": "user", "content": self.user_content(question, clip)}]
@@ -43,18 +40,3 @@ class LlavaOneVisionFamily(Family):
             raise ValueError(f"{self.name}: the chat template does not render the assistant answer")
         end_of_turn = rendered[rendered.rindex(answer) + len(answer):]
         return prompt, prompt + answer[len(ANSWER_PREFIX):] + end_of_turn
-
-    def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-        images = [clip[0] for clip in clips if clip.shape[0] == 1]
-        videos = [clip for clip in clips if clip.shape[0] > 1]
-        # padding_side explicitly: some processors (InternVL) default to their own side
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
-                                  "padding_side": processor.tokenizer.padding_side}
-        if images:
-            kwargs["images"] = images
-        if videos:
-            if len({len(video) for video in videos}) > 1:
-                raise ValueError(f"{self.name}: the clips of one batch must have the same number of frames "
-                                 f"(got {sorted(len(video) for video in videos)}); the model stacks them")
-            kwargs.update(videos=videos, do_sample_frames=False)
-        return dict(processor(**kwargs))

@@ -17,11 +17,9 @@ by those names (the vision blocks use ``qkv``/``proj``), so LoRA touches the lan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from qalign_kvq.families.base import Family
 
@@ -36,7 +34,7 @@ class _QwenVLFamily(Family):
             raise ValueError(f"clip_fps must be positive, got {clip_fps}")
         self.clip_fps = float(clip_fps)
 
-    def _video_kwargs(self, videos: list[np.ndarray]) -> dict[str, Any]:
+    def video_kwargs(self, videos: list[np.ndarray]) -> dict[str, Any]:
         """No re-sampling; metadata saying frame ``i`` of a clip is at ``i / clip_fps`` seconds."""
         metadata = [
             {"fps": self.clip_fps, "total_num_frames": len(video), "frames_indices": list(range(len(video))),
@@ -44,19 +42,6 @@ class _QwenVLFamily(Family):
             for video in videos
         ]
         return {"do_sample_frames": False, "video_metadata": metadata}
-
-    def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-        images = [clip[0] for clip in clips if clip.shape[0] == 1]
-        videos = [clip for clip in clips if clip.shape[0] > 1]
-        # padding_side explicitly: some processors (InternVL) default to their own side
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
-                                  "padding_side": processor.tokenizer.padding_side}
-        if images:
-            kwargs["images"] = images
-        if videos:
-            kwargs["videos"] = videos
-            kwargs.update(self._video_kwargs(videos))
-        return dict(processor(**kwargs))
 
 
 class Qwen2VLFamily(_QwenVLFamily):
