@@ -36,6 +36,9 @@ class CheckpointMeta:
     metrics: dict[str, float] | None = None
     #: Free-form description of the run (recipe name, base model, dataset), for the model card.
     recipe: dict[str, Any] | None = None
+    #: Constructor options of the family (``get_family(family, **family_options)``), e.g.
+    #: ``{"prompt_layout": "question_first"}``: training and scoring build the family alike.
+    family_options: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -64,6 +67,8 @@ class CheckpointMeta:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: invalid JSON ({err})") from err
         data.pop("bin_edges", None)
+        if data.get("family_options") is None:  # written before the field existed
+            data.pop("family_options", None)
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:

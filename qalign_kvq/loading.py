@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
-from qalign_kvq.families import Family, family_for_model_type, get_family
+from qalign_kvq.families import Family, family_class, family_for_model_type, get_family
 from qalign_kvq.hub import is_adapter, resolve_base_model, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -44,14 +44,22 @@ def _read_model_type(directory: Path) -> str:
 
 
 def load_meta(directory: Path) -> tuple[CheckpointMeta, Family]:
-    """The checkpoint metadata and family of a model directory; a plain transformers directory gets a
-    warning, its family from ``config.model_type`` and the nominal 1..5 range."""
+    """The checkpoint metadata and family of a model directory, the family built with
+    ``meta.family_options``. A plain transformers directory gets a warning, its family from
+    ``config.model_type`` with the family's ``zero_shot_options`` (how its authors score it) and the
+    nominal 1..5 range."""
     if (directory / META_FILE).is_file():
         meta = CheckpointMeta.load(directory)
-        return meta, get_family(meta.family)
-    family = family_for_model_type(_read_model_type(directory))
-    logger.warning("%s: no %s; scoring as family %r on the nominal 1..5 MOS range", directory, META_FILE, family.name)
-    return CheckpointMeta(family=family.name), family
+        try:
+            family = get_family(meta.family, **meta.family_options)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{directory / META_FILE}: {err}") from err
+        return meta, family
+    name = family_for_model_type(_read_model_type(directory)).name
+    options = dict(family_class(name).zero_shot_options)
+    logger.warning("%s: no %s; scoring as family %r%s on the nominal 1..5 MOS range", directory, META_FILE, name,
+                   f" with {options}" if options else "")
+    return CheckpointMeta(family=name, family_options=options), get_family(name, **options)
 
 
 def load_checkpoint(

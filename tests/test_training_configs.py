@@ -35,7 +35,7 @@ def test_recipe_yaml_is_valid(path, monkeypatch):
         f"recipes/finetune.py recipes/configs/{path.name}"), "each recipe opens with the command that runs it"
     overrides = [] if torch.cuda.is_available() else ["--bf16", "false"]  # bf16 needs a GPU to validate
     model, data, method, training = parse_args([str(path), *overrides])
-    get_family(model.family)
+    get_family(model.family, **model.family_options)  # the family takes the recipe's options
     config = yaml.safe_load(path.read_text())
     if config.get("deepspeed"):
         assert (ROOT / config["deepspeed"]).is_file()
@@ -53,6 +53,7 @@ def test_onealign_recipe_has_the_q_align_lora_defaults():
     model, data, method, training = parse_args([recipe, "--bf16", "false"])
     assert (model.family, method.method, method.lora_r, method.lora_alpha, method.lora_dropout) == (
         "mplug_owl2", "lora", 128, 256, 0.05)
+    assert model.family_options == {"prompt_layout": "image_first"}  # Q-Align's training conversation
     assert method.freeze_vision and method.freeze_projector is False  # abstractor trained, ViT frozen
     assert training["num_train_epochs"] == 3 and training["learning_rate"] == 2e-4
     assert data.balance_levels and data.num_frames == 8 and data.crop_ratio == 0.9

@@ -25,10 +25,22 @@ class ModelArguments:
     dtype: str = _f("auto", "Weights dtype when loading: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32.")
     attn_implementation: str | None = _f(None, "Attention implementation passed to from_pretrained (e.g. sdpa, "
                                                "flash_attention_2).")
+    family_options: dict | str | None = _f(None, "Options of the family, a mapping (YAML/JSON), e.g. {prompt_layout: "
+                                                 "question_first} for mplug_owl2 or {clip_fps: 2} for Qwen; stored "
+                                                 "in qalign_kvq.json so scoring builds the family alike.")
 
     def __post_init__(self):
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is required")
+        if isinstance(self.family_options, str):
+            try:
+                self.family_options = yaml.safe_load(self.family_options)
+            except yaml.YAMLError as err:
+                raise ValueError(f"family_options: not a YAML/JSON mapping ({err})") from None
+        if self.family_options is None:
+            self.family_options = {}
+        if not isinstance(self.family_options, dict):
+            raise ValueError(f"family_options must be a mapping of option names to values, not {self.family_options!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
 
@@ -49,7 +61,6 @@ class DataArguments:
     eval_num_frames: int = _f(8, "Frames taken at equal intervals per validation clip.")
     crop_ratio: float = _f(0.9, "Side ratio of the random crop shared by all frames of a clip (1 = no crop).")
     reverse_prob: float = _f(0.5, "Probability of reversing a training clip in time.")
-    max_side: int | None = _f(None, "Resize frames so the longer side is at most this many pixels (None: keep).")
     question_paraphrases: bool = _f(True, "Sample the question from the paraphrase set (else always the default).")
     check_videos: str = _f("probe", "Before training: 'probe' every video (missing or unreadable rows are "
                                     "reported), 'exists' (files only) or 'none'.")

@@ -37,10 +37,13 @@ def resolve_dtype(dtype: str, method: str) -> torch.dtype:
 
 
 def load_for_training(model_name_or_path: str, family_name: str | None = None, dtype: torch.dtype = torch.float32,
-                      **load_kwargs):
-    """``(model, processor, family, base_model)``. A qalign-kvq LoRA output directory (adapter +
-    ``qalign_kvq.json``) loads its base and keeps the adapter trainable (two-stage training);
-    ``base_model`` is then the base's path or id, else ``model_name_or_path``."""
+                      family_options: dict | None = None, **load_kwargs):
+    """``(model, processor, family, base_model, family_options)``. A qalign-kvq LoRA output directory
+    (adapter + ``qalign_kvq.json``) loads its base and keeps the adapter trainable (two-stage
+    training); ``base_model`` is then the base's path or id, else ``model_name_or_path``. The family
+    is built with ``family_options`` on top of those a qalign-kvq checkpoint stores (same family);
+    the returned options are the ones to store in the new checkpoint's meta. A public checkpoint
+    trains with the family's defaults (its ``zero_shot_options`` are for scoring only)."""
     from qalign_kvq.hub import adapter_base_model, is_adapter, resolve_base_model, resolve_checkpoint
 
     directory = resolve_checkpoint(model_name_or_path)
@@ -54,16 +57,21 @@ def load_for_training(model_name_or_path: str, family_name: str | None = None, d
                 raise FileNotFoundError(f"{directory}: no config.json or {META_FILE}; pass family explicitly")
             model_type = json.loads(config.read_text()).get("model_type", "")
             family_name = family_for_model_type(model_type).name
-    family = get_family(family_name)
+    inherited = meta.family_options if meta is not None and meta.family == family_name else {}
+    options = {**inherited, **(family_options or {})}
+    try:
+        family = get_family(family_name, **options)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"family_options {options}: {err}") from err
     if is_adapter(directory):
         from peft import PeftModel
 
         meta = meta or CheckpointMeta(family=family.name)
         model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dtype, **load_kwargs)
         model = PeftModel.from_pretrained(model, str(directory), is_trainable=True)
-        return model, processor, family, adapter_base_model(directory, meta)
+        return model, processor, family, adapter_base_model(directory, meta), options
     model, processor = family.load(str(directory), dtype=dtype, **load_kwargs)
-    return model, processor, family, str(model_name_or_path)
+    return model, processor, family, str(model_name_or_path), options
 
 
 def _existing_modules(model, prefixes: Sequence[str]) -> list[str]:

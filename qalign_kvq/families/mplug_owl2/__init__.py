@@ -36,9 +36,18 @@ AutoProcessor.register(MPLUGOwl2Config, MPLUGOwl2Processor, exist_ok=True)
 LORA_TARGETS = r".*\.layers\.\d+\.self_attn\.(q_proj|v_proj\.multiway\.1)"
 
 
+#: Where the question goes: ``image_first`` as in Q-Align's training conversations
+#: (``USER: <|image|>\n{question} ASSISTANT:``), ``question_first`` as in Q-Align's public scorer
+#: (``USER: {question}\n<|image|>\nASSISTANT:``).
+PROMPT_LAYOUTS = ("image_first", "question_first")
+
+
 class MPLUGOwl2Family(Family):
-    """Q-Align's conversation (``USER: <|image|>\\n{question} ASSISTANT: {answer}</s>``), video
-    frames in the single image slot, LoRA on ``q_proj`` and the visual ``v_proj`` branch."""
+    """Q-Align's conversation (``USER: <|image|>\\n{question} ASSISTANT: {answer}</s>``, or with
+    ``prompt_layout="question_first"`` the question before the image, as Q-Align's scorer asks), video
+    frames in the single image slot, LoRA on ``q_proj`` and the visual ``v_proj`` branch. Training
+    and scoring use the same layout; a public checkpoint is scored question first
+    (:attr:`zero_shot_options`)."""
 
     name = "mplug_owl2"
     model_types = ("mplug_owl2",)
@@ -46,6 +55,13 @@ class MPLUGOwl2Family(Family):
     vision_prefixes = ("model.vision_model.",)
     projector_prefixes = ("model.visual_abstractor.",)
     language_prefixes = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
+    zero_shot_options = {"prompt_layout": "question_first"}
+
+    def __init__(self, prompt_layout: str = "image_first") -> None:
+        if prompt_layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"mplug_owl2: prompt_layout must be one of {', '.join(PROMPT_LAYOUTS)}, "
+                             f"not {prompt_layout!r}")
+        self.prompt_layout = prompt_layout
 
     def load(self, path: str, *, dtype: torch.dtype | None = None, **kwargs: Any):
         """``(model, processor)`` from a directory or hub id; the processor's placeholder count and
@@ -70,7 +86,10 @@ class MPLUGOwl2Family(Family):
         return model, processor
 
     def chat_texts(self, processor, question: str, clip: np.ndarray, level_word: str | None) -> tuple[str, str]:
-        prompt = f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT: {ANSWER_PREFIX}"
+        if self.prompt_layout == "question_first":
+            prompt = f"USER: {question}\n{IMAGE_TOKEN}\nASSISTANT: {ANSWER_PREFIX}"
+        else:
+            prompt = f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT: {ANSWER_PREFIX}"
         if level_word is None:
             return prompt, prompt
         head = prompt[: -len(ANSWER_PREFIX)]
@@ -93,4 +112,5 @@ __all__ = [
     "MPLUGOwl2ImageProcessor",
     "MPLUGOwl2Model",
     "MPLUGOwl2Processor",
+    "PROMPT_LAYOUTS",
 ]
