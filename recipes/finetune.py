@@ -5,8 +5,11 @@
 Any field of the YAML (model, data, method arguments and every ``transformers.TrainingArguments``
 field) can be overridden by a flag. ``--resume_from_checkpoint last`` continues the newest
 ``checkpoint-*`` in ``output_dir``. At the end ``output_dir`` holds the weights (safetensors) or the
-peft adapter, the processor and ``qalign_kvq.json`` (family, MOS range, question, frames, metrics):
-everything ``python -m qalign_kvq.infer`` needs.
+peft adapter, the processor, ``qalign_kvq.json`` (family and its options, MOS range, question,
+frames, metrics): everything ``python -m qalign_kvq.infer`` needs, and the model card
+(``README.md``). With ``push_to_hub: true`` and ``hub_model_id: ORG/NAME`` (optional
+``hub_private_repo``, ``hub_token``) the first process then uploads ``output_dir`` with
+``qalign_kvq.hub.push_to_hub``; the Trainer itself never pushes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from qalign_kvq.annotations import add_levels, balance, check_videos, read_rank_pairs, read_table
 from qalign_kvq.checkpoint import CheckpointMeta
+from qalign_kvq.hub import HubError, MissingTokenError, push_to_hub
+from qalign_kvq.model_card import write_model_card
 from qalign_kvq.families.base import DEFAULT_QUESTION, QUESTIONS
 from qalign_kvq.levels import LevelScale
 from qalign_kvq.training.arguments import parse_args
@@ -81,6 +86,32 @@ def training_arguments(fields: dict, method, has_val: bool, has_pairs: bool) -> 
     return transformers.TrainingArguments(**fields)
 
 
+def hub_push_settings(fields: dict) -> dict | None:
+    """Take ``push_to_hub`` and ``hub_token`` out of the ``TrainingArguments`` fields (the Trainer's
+    own push would upload its own card and every checkpoint) and return ``push_to_hub``'s keyword
+    arguments, or None when not pushing. The repo id and the token are checked before training."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    push = fields.pop("push_to_hub", False)
+    token = fields.pop("hub_token", None)
+    if not push:
+        return None
+    repo_id = fields.get("hub_model_id")
+    if not repo_id:
+        raise HubError("push_to_hub: true needs hub_model_id (ORG/NAME on the Hugging Face Hub)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise HubError(f"hub_model_id {repo_id!r}: not a valid Hub repo id like ORG/NAME ({err})") from err
+    token = token or get_token()
+    if not token:
+        raise MissingTokenError(f"push_to_hub to {repo_id} needs a Hugging Face token with write access: run "
+                                "`hf auth login`, set HF_TOKEN, or give hub_token")
+    return {"repo_id": repo_id, "private": bool(fields.get("hub_private_repo")), "token": token}
+
+
 def load_tables(data_args, soft_labels: bool, seed: int):
     """``(train, val, scale, pairs)``: annotation tables with levels (the bins from the training MOS
     range unless given), every video checked before anything trains (by the first process only: a
@@ -108,6 +139,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     """Run a recipe: ``argv`` as on the command line; ``callbacks``: extra ``TrainerCallback``s."""
     model_args, data_args, method, training_fields = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    push = hub_push_settings(training_fields)
     seed = training_fields.get("seed", 42)
     transformers.set_seed(seed)
 
@@ -122,8 +154,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     # Model.
     dtype = resolve_dtype(model_args.dtype, method.method)
     load_kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    model, processor, family, base_model = load_for_training(model_args.model_name_or_path, model_args.family,
-                                                             dtype=dtype, **load_kwargs)
+    model, processor, family, base_model, family_options = load_for_training(
+        model_args.model_name_or_path, model_args.family, dtype=dtype, family_options=model_args.family_options,
+        **load_kwargs)
     model = prepare_model(model, family, method.method, lora_r=method.lora_r, lora_alpha=method.lora_alpha,
                           lora_dropout=method.lora_dropout, lora_targets=method.lora_target_modules,
                           freeze_vision=method.freeze_vision, freeze_projector=method.freeze_projector,
@@ -167,13 +200,18 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     meta = CheckpointMeta(
         family=family.name, mos_low=scale.low, mos_high=scale.high, question=DEFAULT_QUESTION,
         train_frames=data_args.num_frames, base_model=base_model if method.method == "lora" else None,
-        metrics=metrics,
+        metrics=metrics, family_options=family_options,
         recipe={"method": method.method, "loss": method.loss, "base": base_model,
                 "train_csv": data_args.train_csv, "epochs": training_args.num_train_epochs,
                 "max_steps": training_args.max_steps, "learning_rate": training_args.learning_rate},
     )
     out = save_outputs(trainer, processor, meta, training_args.output_dir)
     logger.info("saved %s", out)
+    if trainer.is_world_process_zero():
+        write_model_card(out, push["repo_id"] if push else str(out))
+        if push:
+            url = push_to_hub(out, push["repo_id"], private=push["private"], token=push["token"])
+            logger.info("pushed %s to %s", out, url)
     return out
 
 
