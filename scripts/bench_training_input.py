@@ -1,6 +1,6 @@
 """Training-input throughput: samples per second the data pipeline sustains in one worker.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_training_input.py [--samples 40] [--work /tmp/qalign_bench]
+    HF_HUB_OFFLINE=1 python scripts/bench_training_input.py [--samples 40] [--work /tmp/qalign_bench] [--out FILE]
 
 One sample = what a DataLoader worker does per training example: 8 random frames of a 5 s 720x1280
 H.264 clip read with the toolkit's reader, one shared random crop (0.9) and a random reverse
@@ -31,6 +31,19 @@ def _script(name: str):
     return module
 
 
+CLIP = "sandwich_5s_720x1280_h264"
+
+
+def make_clip(work: Path) -> Path:
+    """``bench_video.py``'s 5 s 720x1280 sandwich clip (only this one; kept in ``work`` between runs)."""
+    bench_video = _script("bench_video")
+    path = work / f"{CLIP}.mp4"
+    if not path.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        bench_video._ffmpeg(bench_video.CLIPS[CLIP], path)
+    return path
+
+
 def real_size_processor(workdir: Path):
     """Qwen2.5-VL's processor with its default image/video sizes around the tiny offline tokenizer."""
     from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
@@ -45,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=40, help="training examples timed per stage")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "qalign_bench")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
 
     from qalign_kvq.families import get_family
     from qalign_kvq.training.collator import QualityCollator
     from qalign_kvq.training.dataset import ClipDataset
 
-    clip_path = _script("bench_video").make_clips(args.work)["sandwich_5s_720x1280_h264"]
+    clip_path = make_clip(args.work)
     table = datasets.Dataset.from_list([
         {"path": str(clip_path), "filename": clip_path.name, "level_word": "good", "level_score": 4.0, "score": 4.0}
     ] * args.samples)
@@ -73,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_samples_per_s": args.samples / (t_read + t_collate),
         "tokens_per_sample": int(np.median(tokens)),
     }
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
     print(f"\nper worker: read+augment {result['read_augment_samples_per_s']:.2f}/s, "
           f"processor {result['collate_samples_per_s']:.2f}/s, pipeline {result['pipeline_samples_per_s']:.2f} samples/s "
           f"({result['tokens_per_sample']} tokens per sample)")
