@@ -131,6 +131,21 @@ def test_scoring_prompt_ids_match_tokenizer_image_token(loaded, sp_checkpoint):
     assert ids == _original_prompt_ids(sp, scorer_prompt, VOCAB_SIZE, model.config.num_image_tokens)
 
 
+def test_training_ids_end_with_the_answer_and_eos(loaded, sp_checkpoint):
+    _, sp = sp_checkpoint
+    model, processor = loaded
+    family = get_family("mplug_owl2")
+    clip = np.zeros((2, 40, 64, 3), dtype=np.uint8)
+    inputs = family.build_inputs(processor, [clip], level_words=["fair"], padding_side="right")
+    _, full = family.chat_texts(processor, DEFAULT_QUESTION, clip, "fair")
+    assert full.endswith(f"{answer_text('fair')}</s>")
+    text = full.removesuffix("</s>")
+    expected = _original_prompt_ids(sp, text, VOCAB_SIZE, 2 * model.config.num_image_tokens) + [EOS]
+    assert inputs.batch["input_ids"][0].tolist() == expected
+    labels = inputs.batch["labels"][0]
+    assert labels[labels != -100].tolist() == sp.encode(answer_text("fair")) + [EOS]  # Q-Align's answer span
+
+
 def test_level_token_ids_follow_the_original_rule(loaded, sp_checkpoint):
     _, sp = sp_checkpoint
     _, processor = loaded
