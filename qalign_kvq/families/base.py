@@ -70,9 +70,6 @@ class Family:
     #: Constructor options for scoring a public checkpoint that has no ``qalign_kvq.json`` the way its
     #: authors score it (a qalign-kvq checkpoint stores its own in ``CheckpointMeta.family_options``).
     zero_shot_options: dict[str, Any] = {}
-    #: Constructor options for scoring a public checkpoint that has no ``qalign_kvq.json`` the way its
-    #: authors score it (a qalign-kvq checkpoint stores its own in ``CheckpointMeta.family_options``).
-    zero_shot_options: dict[str, Any] = {}
     #: Whether the videos of one batch must have the same number of frames (the processor stacks them).
     equal_frame_counts: bool = False
 
