@@ -134,16 +134,20 @@ def _qwen_token_ids(tokenizer) -> dict[str, int]:
             "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
 
 
-def _qwen_pixel_range(factor: int) -> dict[str, int]:
-    """Small images: between 2x2 and 4x4 merged patches (4..16 visual tokens per frame)."""
-    return {"shortest_edge": factor * factor * 4, "longest_edge": factor * factor * 16}
+#: Most visual tokens (merged patches) per frame of the Qwen processors, by default.
+FRAME_TOKENS = 16
 
 
-def _qwen2_vl():
+def _qwen_pixel_range(factor: int, frame_tokens: int = FRAME_TOKENS) -> dict[str, int]:
+    """Small images: between 2x2 and ``frame_tokens`` merged patches (default 4x4) per frame."""
+    return {"shortest_edge": factor * factor * 4, "longest_edge": factor * factor * frame_tokens}
+
+
+def _qwen2_vl(frame_tokens: int = FRAME_TOKENS):
     from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     tokenizer = _qwen_tokenizer([], _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "true"))
-    size = _qwen_pixel_range(28)
+    size = _qwen_pixel_range(28, frame_tokens)
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(size=size),
                                  video_processor=Qwen2VLVideoProcessor(size=size, cap_pixels_per_frame=True),
                                  tokenizer=tokenizer, chat_template=tokenizer.chat_template)
@@ -155,11 +159,11 @@ def _qwen2_vl():
     return config, processor
 
 
-def _qwen2_5_vl():
+def _qwen2_5_vl(frame_tokens: int = FRAME_TOKENS):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     tokenizer = _qwen_tokenizer([], _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "true"))
-    size = _qwen_pixel_range(28)
+    size = _qwen_pixel_range(28, frame_tokens)
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size),
                                     video_processor=Qwen2VLVideoProcessor(size=size, cap_pixels_per_frame=True),
                                     tokenizer=tokenizer, chat_template=tokenizer.chat_template)
@@ -172,11 +176,11 @@ def _qwen2_5_vl():
     return config, processor
 
 
-def _qwen3_vl():
+def _qwen3_vl(frame_tokens: int = FRAME_TOKENS):
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     tokenizer = _qwen_tokenizer([], _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"))
-    size = _qwen_pixel_range(32)
+    size = _qwen_pixel_range(32, frame_tokens)
     processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(size=size, patch_size=16),
                                  video_processor=Qwen3VLVideoProcessor(size=size, cap_pixels_per_frame=True),
                                  tokenizer=tokenizer, chat_template=tokenizer.chat_template)
@@ -243,6 +247,7 @@ def _internvl():
     return config, processor
 
 
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _BUILDERS: dict[str, Callable] = {
     "qwen2_vl": _qwen2_vl,
     "qwen2_5_vl": _qwen2_5_vl,
@@ -263,17 +268,25 @@ def _build_mplug_owl2(out: Path) -> Path:
     return Path(result) if result is not None else out
 
 
-def build_tiny_model(family: str, out_dir: str | Path) -> Path:
-    """Build the tiny model of ``family`` into ``out_dir/<family>`` and return that directory."""
+def build_tiny_model(family: str, out_dir: str | Path, frame_tokens: int = FRAME_TOKENS) -> Path:
+    """Build the tiny model of ``family`` into ``out_dir/<family>`` and return that directory.
+
+    ``frame_tokens`` (Qwen families only) is the most visual tokens per frame the processor makes
+    (each one a 2x2 merge of 14 px patches, 16 for Qwen3-VL): the default 16 sees about 84x140 px
+    of a 9:16 frame, 64 about 168x294 px."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if frame_tokens != FRAME_TOKENS and family not in QWEN_FAMILIES:
+        raise ValueError(f"frame_tokens applies to the Qwen families ({', '.join(QWEN_FAMILIES)}), not {family!r}")
+    if frame_tokens < 4:
+        raise ValueError(f"frame_tokens must be at least 4 (the processor's 2x2 minimum), got {frame_tokens}")
     out = Path(out_dir) / family
     out.mkdir(parents=True, exist_ok=True)
     if family == "mplug_owl2":
         return _build_mplug_owl2(out)
     from transformers import AutoModelForImageTextToText
 
-    config, processor = _BUILDERS[family]()
+    config, processor = _BUILDERS[family](frame_tokens) if family in QWEN_FAMILIES else _BUILDERS[family]()
     torch.manual_seed(SEED)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -287,9 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output directory (one sub-directory per family)")
     parser.add_argument("--family", action="append", choices=FAMILIES,
                         help="family to build (repeatable; default: all)")
+    parser.add_argument("--frame-tokens", type=int, default=FRAME_TOKENS,
+                        help=f"most visual tokens per frame, Qwen families only (default {FRAME_TOKENS}; "
+                             "more = a higher-resolution view, slower)")
     args = parser.parse_args(argv)
     for family in args.family or FAMILIES:
-        path = build_tiny_model(family, args.out)
+        path = build_tiny_model(family, args.out, args.frame_tokens)
         print(f"{family}: {path}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,3 +72,25 @@ def test_unknown_family_is_refused(tmp_path):
 def test_tiny_model_dir_fixture_gives_the_family_directory(tiny_model_dir, tiny_models):
     assert tiny_model_dir == tiny_models(tiny_model_dir.name)  # built once per session
     assert json.loads((tiny_model_dir / "config.json").read_text())["model_type"] == tiny_model_dir.name
+
+
+def test_frame_tokens_option_raises_the_qwen_processor_resolution(tmp_path, tiny_models):
+    from transformers import AutoProcessor
+
+    assert builder.main(["--out", str(tmp_path), "--family", "qwen2_5_vl", "--frame-tokens", "64"]) == 0
+    high, default = tmp_path / "qwen2_5_vl", tiny_models("qwen2_5_vl")
+    # the weights are the default model's; only the processor's pixel budget changes
+    a, b = load_file(default / "model.safetensors"), load_file(high / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    frames = np.zeros((4, 640, 360, 3), dtype=np.uint8)  # 4 portrait frames (T, H, W, C)
+    tokens = {}
+    for name, path in (("default", default), ("high", high)):
+        out = AutoProcessor.from_pretrained(path).video_processor(videos=[frames], return_tensors="pt")
+        t, h, w = out["video_grid_thw"][0].tolist()
+        tokens[name] = (h * w // 4, h * 14, w * 14)  # merged tokens per frame, pixels seen
+    assert tokens["default"][0] <= 16 and 48 <= tokens["high"][0] <= 64
+    assert tokens["high"][1] >= 2 * tokens["default"][1]
+    with pytest.raises(ValueError, match="Qwen families"):
+        builder.build_tiny_model("internvl", tmp_path, frame_tokens=64)
+    with pytest.raises(ValueError, match="at least 4"):
+        builder.build_tiny_model("qwen2_5_vl", tmp_path, frame_tokens=2)
