@@ -116,6 +116,16 @@ def test_pristine_scores_highest_and_quality_falls_with_qp(built):
         assert scores == sorted(scores, reverse=True) and len(set(scores)) == 3, (name, transcodes)
 
 
+def test_strong_distortions_score_below_a_light_transcode(built):
+    """Every source's down-scaled (1/4 or 1/3) and blurred/noisy versions are clearly worse than its
+    light transcode (QP <= 28): the set spans visible severities, not only near-invisible ones."""
+    by_source: dict[str, dict[str, float]] = {}
+    for row in _manifest(built):
+        by_source.setdefault(row["source"], {})[row["version"]] = float(row["score"])
+    for name, score in by_source.items():
+        assert score["5"] < score["2"] - 0.3 and score["6"] < score["2"] - 0.3, (name, score)
+
+
 def _luma(path: Path, size: tuple[int, int]) -> np.ndarray:
     with av.open(str(path)) as container:
         frames = [f.to_image().convert("L").resize(size) for i, f in enumerate(container.decode(video=0)) if i % 4 == 0]
@@ -123,12 +133,13 @@ def _luma(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 
 def test_scores_follow_an_independent_ssim(built):
-    """The labels rank one source's versions like scikit-image's SSIM on decoded luma does."""
+    """The labels rank one source's versions like scikit-image's SSIM on decoded luma at the
+    viewing scale does."""
     rows = [r for r in _manifest(built) if r["source"] == demo.CATALOGUE[0].name]
-    ref = _luma(built / rows[0]["filename"], (demo.CANVAS_W, demo.CANVAS_H))
+    ref = _luma(built / rows[0]["filename"], (demo.VIEW_W, demo.VIEW_H))
     ours, theirs = [], []
     for row in rows[1:]:
-        dist = _luma(built / row["filename"], (demo.CANVAS_W, demo.CANVAS_H))
+        dist = _luma(built / row["filename"], (demo.VIEW_W, demo.VIEW_H))
         theirs.append(np.mean([structural_similarity(r, d, data_range=255) for r, d in zip(ref, dist)]))
         ours.append(float(row["score"]))
     assert spearmanr(ours, theirs).statistic >= 0.8, (ours, theirs)
