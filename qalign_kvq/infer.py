@@ -230,6 +230,7 @@ def run_batch(args) -> int:
         from accelerate.utils import broadcast_object_list
 
         failed = broadcast_object_list([failed], from_process=0)[0]
+        state.destroy_process_group()  # a clean shutdown: gloo threads left running can abort the exit
     return 1 if failed else 0
 
 
