@@ -1,6 +1,7 @@
 """Real multi-process fine-tuning on CPU through ``accelerate launch``: 2 processes with DDP, DeepSpeed
 ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload (the shipped ds_configs), each finishing and saving a
-checkpoint that scores a video.
+checkpoint that scores a video. The tiny mPLUG-Owl2 (the Q-Align backbone) runs under ZeRO-3 with
+LoRA, the way Q-Align itself was trained.
 
 With one clip per process the global batch equals the single-process batch of 2 in test_training.py,
 so the logged losses must equal the single-process pinned ones: the data is really split across
@@ -22,13 +23,15 @@ from tests.test_training import FREEZE, PINNED, SMALL, TINY_RECIPE
 from tests.training_support import ROOT, quality_set, write_csv  # noqa: F401 (fixture)
 
 RUNS = {
-    # name: (accelerate config, ds config, method, extra flags, expected distributed type)
-    "ddp": ("cpu_ddp.yaml", None, "full", [], "MULTI_CPU"),
-    "zero2": ("cpu_zero2.yaml", "zero2.json", "lora", [], "DEEPSPEED"),
-    "zero3": ("cpu_zero3.yaml", "zero3.json", "full", [], "DEEPSPEED"),
-    "zero3_lora_gc": ("cpu_zero3.yaml", "zero3.json", "lora", ["--gradient_checkpointing", "true"], "DEEPSPEED"),
+    # name: (family, accelerate config, ds config, method, extra flags, expected distributed type)
+    "ddp": ("qwen2_5_vl", "cpu_ddp.yaml", None, "full", [], "MULTI_CPU"),
+    "zero2": ("qwen2_5_vl", "cpu_zero2.yaml", "zero2.json", "lora", [], "DEEPSPEED"),
+    "zero3": ("qwen2_5_vl", "cpu_zero3.yaml", "zero3.json", "full", [], "DEEPSPEED"),
+    "zero3_lora_gc": ("qwen2_5_vl", "cpu_zero3.yaml", "zero3.json", "lora", ["--gradient_checkpointing", "true"],
+                      "DEEPSPEED"),
+    "zero3_mplug_owl2_lora": ("mplug_owl2", "cpu_zero3.yaml", "zero3.json", "lora", [], "DEEPSPEED"),
     # DeepSpeed's CPU Adam (compiled with g++/ninja on first use, ~1 min, then cached)
-    "zero3_offload": ("cpu_zero3_offload.yaml", "zero3_offload.json", "full", [], "DEEPSPEED"),
+    "zero3_offload": ("qwen2_5_vl", "cpu_zero3_offload.yaml", "zero3_offload.json", "full", [], "DEEPSPEED"),
 }
 
 
@@ -44,7 +47,7 @@ def test_two_process_cpu_training_saves_a_scoring_checkpoint(name, tiny_models, 
     from qalign_kvq.modeling import level_probs
     from qalign_kvq.video import read_frames, uniform_indices
 
-    accelerate_config, ds_config, method, extra, dist_type = RUNS[name]
+    family_name, accelerate_config, ds_config, method, extra, dist_type = RUNS[name]
     root, _ = quality_set
     out = tmp_path / "out"
     csv = write_csv(tmp_path / "train.csv", SMALL)
@@ -56,7 +59,7 @@ def test_two_process_cpu_training_saves_a_scoring_checkpoint(name, tiny_models, 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "recipes" / "accelerate" / accelerate_config), "--main_process_port", str(_free_port()),
            str(ROOT / "recipes" / "finetune.py"), TINY_RECIPE,
-           "--model_name_or_path", str(tiny_models("qwen2_5_vl")), "--train_csv", str(csv), "--video_root", str(root),
+           "--model_name_or_path", str(tiny_models(family_name)), "--family", family_name, "--train_csv", str(csv), "--video_root", str(root),
            "--val_csv", "", "--output_dir", str(out), "--method", method, *FREEZE[method],
            "--max_steps", "2", "--per_device_train_batch_size", "1", "--warmup_steps", "0", "--learning_rate", "1e-3",
            "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--use_cpu", "false", *extra]
@@ -73,7 +76,7 @@ def test_two_process_cpu_training_saves_a_scoring_checkpoint(name, tiny_models, 
         assert (checkpoint / "global_step2").is_dir(), "DeepSpeed wrote its own (partitioned) checkpoint"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
-    np.testing.assert_allclose(losses, PINNED["qwen2_5_vl"][method][:2], rtol=1e-4)
+    np.testing.assert_allclose(losses, PINNED[family_name][method][:2], rtol=1e-4)
 
     model, processor, family, meta = load_checkpoint(out)
     clip = read_frames(root / "bikes_c" / "qp30.mp4", uniform_indices(8, 4))
