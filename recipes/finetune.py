@@ -217,3 +217,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Shut the process group down cleanly: gloo threads still running at interpreter exit can
+        # abort a rank ("terminate called without an active exception") after a finished run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
