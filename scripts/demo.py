@@ -3,11 +3,12 @@
     python scripts/demo.py --out demo_out
 
 Each step is the real command-line tool a user runs (printed before it runs):
-1. a tiny randomly initialised Qwen2.5-VL-shaped model (scripts/make_tiny_models.py),
+1. a tiny randomly initialised Qwen2.5-VL-shaped model (scripts/make_tiny_models.py) whose processor
+   sees up to 64 visual tokens per frame (about 168x294 px of a 9:16 frame),
 2. a KVQ-like practice set from real content that ships offline (scripts/make_demo_data.py),
 3. the untrained model scored on the held-out test sources (python -m qalign_kvq.infer) and
    evaluated with the challenge metrics (python -m qalign_kvq.evaluate),
-4. fine-tuning with `accelerate launch recipes/finetune.py recipes/configs/tiny_cpu.yaml`,
+4. fine-tuning with `accelerate launch recipes/finetune.py recipes/configs/demo_cpu.yaml`,
 5. the fine-tuned model scored and evaluated the same way,
 6. one video scored, printing its JSON record.
 The labels of the practice set are full-reference quality measures, not human opinion scores.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shlex
 import subprocess
 import sys
@@ -25,12 +27,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("SROCC", "PLCC", "Rank1", "Rank2", "Final")
+RECIPE = "recipes/configs/demo_cpu.yaml"
+FRAME_TOKENS = 64  # the tiny model's view: 16 (the default, ~84x140 px) hides most artefacts
 
 
-def run(cmd: list[str], log: list[tuple[str, float]], label: str) -> str:
-    """Run one step, streaming its output; stop the demo if it fails."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(cmd: list[str], log: list[tuple[str, float, float]], label: str) -> str:
+    """Run one step, streaming its output; stop the demo if it fails. Logs its wall and CPU seconds."""
     print(f"\n=== {label}\n$ {shlex.join(cmd)}", flush=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -38,7 +47,7 @@ def run(cmd: list[str], log: list[tuple[str, float]], label: str) -> str:
         lines.append(line)
     if proc.wait() != 0:
         sys.exit(f"demo: step '{label}' failed with exit code {proc.returncode}")
-    log.append((label, time.perf_counter() - start))
+    log.append((label, time.perf_counter() - start, _children_cpu() - cpu))
     return "".join(lines)
 
 
@@ -62,17 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out.resolve()
     models, data, model_dir = out / "tiny_models", out / "data", out / "model"
-    log: list[tuple[str, float]] = []
+    log: list[tuple[str, float, float]] = []
     py = sys.executable
 
-    run([py, "scripts/make_tiny_models.py", "--out", str(models), "--family", "qwen2_5_vl"], log, "build the tiny model")
+    run([py, "scripts/make_tiny_models.py", "--out", str(models), "--family", "qwen2_5_vl",
+         "--frame-tokens", str(FRAME_TOKENS)], log, "build the tiny model")
     run([py, "scripts/make_demo_data.py", "--out", str(data), "--sources", str(args.sources)], log,
         "build the practice set")
     base = models / "qwen2_5_vl"
     before = score_and_evaluate(base, data, out / "untrained", log, "untrained")
     run([py, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
-         "recipes/finetune.py", "recipes/configs/tiny_cpu.yaml",
+         "recipes/finetune.py", RECIPE,
          "--model_name_or_path", str(base), "--train_csv", str(data / "train.csv"), "--video_root", str(data),
          "--val_csv", str(data / "val.csv"),
          "--val_pairs_homologous", str(data / "val_pairs_homologous.csv"),
@@ -87,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'metric':<8}{'untrained':>12}{'fine-tuned':>12}")
     for name in METRICS:
         print(f"{name:<8}{before[name]:>12.4f}{after[name]:>12.4f}")
-    print("\n=== time per step")
-    for label, seconds in log:
-        print(f"{seconds:8.1f} s  {label}")
+    print("\n=== time per step (wall clock; CPU = user + system time of the step's processes)")
+    for label, seconds, cpu in log:
+        print(f"{seconds:8.1f} s wall {cpu:8.1f} s CPU  {label}")
+    print(f"{sum(t for _, t, _ in log):8.1f} s wall {sum(c for _, _, c in log):8.1f} s CPU  in all")
     print(f"\nwritten under {out}:\n  data/ (practice set)  model/ (fine-tuned checkpoint)  "
           "untrained/ and finetuned/ (prediction.csv, metrics.json)")
     return 0

