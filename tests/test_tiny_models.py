@@ -86,7 +86,7 @@ def test_frame_tokens_option_raises_the_qwen_processor_resolution(tmp_path, tiny
     tokens = {}
     for name, path in (("default", default), ("high", high)):
         out = AutoProcessor.from_pretrained(path).video_processor(videos=[frames], return_tensors="pt")
-        t, h, w = out["video_grid_thw"][0].tolist()
+        _, h, w = out["video_grid_thw"][0].tolist()
         tokens[name] = (h * w // 4, h * 14, w * 14)  # merged tokens per frame, pixels seen
     assert tokens["default"][0] <= 16 and 48 <= tokens["high"][0] <= 64
     assert tokens["high"][1] >= 2 * tokens["default"][1]
