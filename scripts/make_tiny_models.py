@@ -268,16 +268,23 @@ def _build_mplug_owl2(out: Path) -> Path:
     return Path(result) if result is not None else out
 
 
-def build_tiny_model(family: str, out_dir: str | Path, frame_tokens: int = FRAME_TOKENS) -> Path:
+def build_tiny_model(family: str, out_dir: str | Path, frame_tokens: int = FRAME_TOKENS,
+                     vision_init_std: float | None = None) -> Path:
     """Build the tiny model of ``family`` into ``out_dir/<family>`` and return that directory.
 
     ``frame_tokens`` (Qwen families only) is the most visual tokens per frame the processor makes
     (each one a 2x2 merge of 14 px patches, 16 for Qwen3-VL): the default 16 sees about 84x140 px
-    of a 9:16 frame, 64 about 168x294 px."""
+    of a 9:16 frame, 64 about 168x294 px. ``vision_init_std`` (Qwen families only) replaces the
+    vision tower's ``initializer_range`` (0.02, sized for a 1280-wide tower): at width 32 the default
+    leaves the vision blocks near the identity, so the tower stays a linear patch projection that
+    cannot learn quality (a second-order statistic of the pixels); about 1/sqrt(32) = 0.2 can."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     if frame_tokens != FRAME_TOKENS and family not in QWEN_FAMILIES:
         raise ValueError(f"frame_tokens applies to the Qwen families ({', '.join(QWEN_FAMILIES)}), not {family!r}")
+    if vision_init_std is not None and (family not in QWEN_FAMILIES or not vision_init_std > 0):
+        raise ValueError(f"vision_init_std must be positive and applies to the Qwen families, "
+                         f"got {vision_init_std} for {family!r}")
     if frame_tokens < 4:
         raise ValueError(f"frame_tokens must be at least 4 (the processor's 2x2 minimum), got {frame_tokens}")
     out = Path(out_dir) / family
@@ -287,6 +294,8 @@ def build_tiny_model(family: str, out_dir: str | Path, frame_tokens: int = FRAME
     from transformers import AutoModelForImageTextToText
 
     config, processor = _BUILDERS[family](frame_tokens) if family in QWEN_FAMILIES else _BUILDERS[family]()
+    if vision_init_std is not None:
+        config.vision_config.initializer_range = vision_init_std
     torch.manual_seed(SEED)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -303,9 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-tokens", type=int, default=FRAME_TOKENS,
                         help=f"most visual tokens per frame, Qwen families only (default {FRAME_TOKENS}; "
                              "more = a higher-resolution view, slower)")
+    parser.add_argument("--vision-init-std", type=float, default=None,
+                        help="vision tower initializer_range, Qwen families only (default: the config's 0.02; "
+                             "0.2 gives the tiny tower blocks that learn, see build_tiny_model)")
     args = parser.parse_args(argv)
     for family in args.family or FAMILIES:
-        path = build_tiny_model(family, args.out, args.frame_tokens)
+        path = build_tiny_model(family, args.out, args.frame_tokens, args.vision_init_std)
         print(f"{family}: {path}")
     return 0
 

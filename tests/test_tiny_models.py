@@ -94,3 +94,20 @@ def test_frame_tokens_option_raises_the_qwen_processor_resolution(tmp_path, tiny
         builder.build_tiny_model("internvl", tmp_path, frame_tokens=64)
     with pytest.raises(ValueError, match="at least 4"):
         builder.build_tiny_model("qwen2_5_vl", tmp_path, frame_tokens=2)
+
+
+def test_vision_init_std_option_scales_only_the_vision_tower(tmp_path, tiny_models):
+    assert builder.main(["--out", str(tmp_path), "--family", "qwen2_5_vl", "--vision-init-std", "0.2"]) == 0
+    default, scaled = tiny_models("qwen2_5_vl"), tmp_path / "qwen2_5_vl"
+    config = json.loads((scaled / "config.json").read_text())
+    assert config["vision_config"]["initializer_range"] == 0.2
+    a, b = load_file(default / "model.safetensors"), load_file(scaled / "model.safetensors")
+    assert a.keys() == b.keys()
+    # random vision matrices are about 10x larger (std 0.2 vs 0.02); nothing else is drawn differently
+    ratio = b["visual.blocks.0.mlp.up_proj.weight"].std() / a["visual.blocks.0.mlp.up_proj.weight"].std()
+    assert 8 < float(ratio) < 12
+    assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="Qwen families"):
+        builder.build_tiny_model("internvl", tmp_path, vision_init_std=0.2)
+    with pytest.raises(ValueError, match="positive"):
+        builder.build_tiny_model("qwen2_5_vl", tmp_path, vision_init_std=0.0)
