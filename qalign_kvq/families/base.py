@@ -18,6 +18,8 @@ import torch
 from qalign_kvq.levels import LEVEL_WORDS
 
 ANSWER_PREFIX = "The quality of the video is"
+#: LoRA targets for models whose vision tower also has q/k/v projections: the language model only.
+LANGUAGE_MODEL_ATTENTION = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
 DEFAULT_QUESTION = "How would you rate the quality of this video?"
 QUESTIONS = (
     DEFAULT_QUESTION,

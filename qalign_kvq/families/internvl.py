@@ -9,15 +9,13 @@ The output embedding is tied to the input embedding in InternVL3 (no separate ``
 
 from __future__ import annotations
 
-from qalign_kvq.families.base import Family
-
-LANGUAGE_ATTENTION = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
+from qalign_kvq.families.base import LANGUAGE_MODEL_ATTENTION, Family
 
 
 class InternVLFamily(Family):
     name = "internvl"
     model_types = ("internvl",)
-    lora_targets = LANGUAGE_ATTENTION
+    lora_targets = LANGUAGE_MODEL_ATTENTION
     vision_prefixes = ("model.vision_tower.",)
     projector_prefixes = ("model.multi_modal_projector.",)
     language_prefixes = ("model.language_model.", "lm_head.")

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from qalign_kvq.families.base import ANSWER_PREFIX, Family, answer_text
-
-LANGUAGE_ATTENTION = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
+from qalign_kvq.families.base import ANSWER_PREFIX, LANGUAGE_MODEL_ATTENTION, Family, answer_text
 
 
 class LlavaOneVisionFamily(Family):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
-    lora_targets = LANGUAGE_ATTENTION
+    lora_targets = LANGUAGE_MODEL_ATTENTION
     vision_prefixes = ("model.vision_tower.",)
     projector_prefixes = ("model.multi_modal_projector.", "model.image_newline")
     language_prefixes = ("model.language_model.", "lm_head.")
