@@ -75,8 +75,9 @@ def build_config_and_processor(smoke: bool, workdir: Path):
         Qwen2VLVideoProcessor,
     )
 
-    tiny_dir = _import_script(ROOT / "scripts" / "make_tiny_models.py", "make_tiny_models").build_tiny_model(
-        "qwen2_5_vl", workdir)
+    import make_tiny_models  # a sibling script: scripts/ is sys.path[0] when this one runs
+
+    tiny_dir = make_tiny_models.build_tiny_model("qwen2_5_vl", workdir)
     tiny = AutoProcessor.from_pretrained(tiny_dir)
     if smoke:
         return AutoConfig.from_pretrained(tiny_dir), tiny

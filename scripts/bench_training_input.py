@@ -12,7 +12,6 @@ process, so the numbers are per worker; a DataLoader with N workers scales them 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import tempfile
 import time
@@ -21,14 +20,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 CLIP = "sandwich_5s_720x1280_h264"
@@ -36,7 +27,7 @@ CLIP = "sandwich_5s_720x1280_h264"
 
 def make_clip(work: Path) -> Path:
     """``bench_video.py``'s 5 s 720x1280 sandwich clip (only this one; kept in ``work`` between runs)."""
-    bench_video = _script("bench_video")
+    import bench_video  # a sibling script: scripts/ is sys.path[0] when this one runs
     path = work / f"{CLIP}.mp4"
     if not path.exists():
         work.mkdir(parents=True, exist_ok=True)
@@ -48,7 +39,9 @@ def real_size_processor(workdir: Path):
     """Qwen2.5-VL's processor with its default image/video sizes around the tiny offline tokenizer."""
     from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    tiny = AutoProcessor.from_pretrained(_script("make_tiny_models").build_tiny_model("qwen2_5_vl", workdir))
+    import make_tiny_models  # a sibling script: scripts/ is sys.path[0] when this one runs
+
+    tiny = AutoProcessor.from_pretrained(make_tiny_models.build_tiny_model("qwen2_5_vl", workdir))
     return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(),
                                video_processor=Qwen2VLVideoProcessor(cap_pixels_per_frame=True),
                                tokenizer=tiny.tokenizer, chat_template=tiny.tokenizer.chat_template)
@@ -92,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(text + "\n")
     print(f"\nper worker: read+augment {result['read_augment_samples_per_s']:.2f}/s, "
-          f"processor {result['collate_samples_per_s']:.2f}/s, pipeline {result['pipeline_samples_per_s']:.2f} samples/s "
+          f"processor {result['collate_samples_per_s']:.2f}/s, "
+          f"pipeline {result['pipeline_samples_per_s']:.2f} samples/s "
           f"({result['tokens_per_sample']} tokens per sample)")
     return 0
 

@@ -21,7 +21,6 @@ family, into a session temp directory (a few seconds each, ~1 MB).
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 
@@ -30,16 +29,14 @@ import pytest
 from qalign_kvq.families import FAMILY_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILDER = ROOT / "scripts" / "make_tiny_models.py"
 TINY_FAMILIES = tuple(FAMILY_NAMES)
 
 
 def load_builder():
     """Import ``scripts/make_tiny_models.py`` as a module."""
-    spec = importlib.util.spec_from_file_location("make_tiny_models", BUILDER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import make_tiny_models  # scripts/ is on pytest's pythonpath
+
+    return make_tiny_models
 
 
 @pytest.fixture(scope="session")

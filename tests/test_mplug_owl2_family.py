@@ -3,7 +3,6 @@ and clips, training labels, LoRA targets, gradient checkpointing, saving and hub
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,9 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     torch.set_num_threads(2)
-    spec = importlib.util.spec_from_file_location("make_tiny_mplug_owl2", ROOT / "scripts" / "make_tiny_mplug_owl2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    import make_tiny_mplug_owl2 as module  # scripts/ is on pytest's pythonpath
     return module.build(tmp_path_factory.mktemp("tiny") / "mplug_owl2")
 
 

@@ -8,7 +8,6 @@ the image placeholder between chunks) and ``[tokenizer(w).input_ids[1] for w in 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from qalign_kvq.levels import LEVEL_WORDS
 from qalign_kvq.scoring import clip_level_probs
 from tests.test_mplug_owl2_family import _public_layout
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 320  # the tiny config's vocab_size; <|image|> is added after it (id 320)
 BOS, EOS, UNK = 1, 2, 0
 
@@ -63,9 +61,7 @@ def sp_checkpoint(tmp_path_factory) -> tuple[Path, spm.SentencePieceProcessor]:
     """The tiny checkpoint in one-align's layout with only the SentencePiece tokenizer files."""
     torch.set_num_threads(2)
     work = tmp_path_factory.mktemp("sp")
-    spec = importlib.util.spec_from_file_location("make_tiny_mplug_owl2", ROOT / "scripts" / "make_tiny_mplug_owl2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    import make_tiny_mplug_owl2 as module  # scripts/ is on pytest's pythonpath
     tiny = module.build(work / "tiny")
     checkpoint = work / "one-align"
     _public_layout(tiny, checkpoint)
