@@ -158,22 +158,19 @@ def merge_lora_checkpoint(directory: str | os.PathLike, out_dir: str | os.PathLi
     """Merge an adapter checkpoint into its base model (peft ``merge_and_unload``) and save a full
     checkpoint in ``out_dir``: safetensors weights, the processor and ``qalign_kvq.json`` with the
     base model cleared (it stays in ``recipe["base_model"]`` for the model card)."""
-    from peft import PeftModel
-
     from qalign_kvq.families import get_family
+    from qalign_kvq.loading import load_merged_adapter  # loading imports this module
 
     directory, out_dir = Path(directory), Path(out_dir)
     meta = require_checkpoint(directory)
     if not is_adapter(directory):
         raise HubError(f"{directory}: --merge-lora needs a LoRA adapter checkpoint, this one holds full weights")
     base = adapter_base_model(directory, meta)
-    base_dir = resolve_base_model(directory, meta)
-    model, processor = get_family(meta.family).load(str(base_dir))
+    merged, processor = load_merged_adapter(directory, meta, get_family(meta.family))
     if any((directory / name).is_file() for name in _PROCESSOR_FILES):
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(str(directory))
-    merged = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

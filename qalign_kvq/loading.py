@@ -62,6 +62,16 @@ def load_meta(directory: Path) -> tuple[CheckpointMeta, Family]:
     return CheckpointMeta(family=name, family_options=options), get_family(name, **options)
 
 
+def load_merged_adapter(directory: str | os.PathLike, meta: CheckpointMeta, family: Family,
+                        dtype: torch.dtype | None = None):
+    """``(model, processor)``: the base model of the peft adapter in ``directory`` (resolved by path
+    or hub id from ``meta.base_model`` or the adapter config) with the adapter merged into it."""
+    from peft import PeftModel
+
+    model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dtype)
+    return PeftModel.from_pretrained(model, str(directory)).merge_and_unload(), processor
+
+
 def load_checkpoint(
     path_or_id: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -77,10 +87,7 @@ def load_checkpoint(
     meta, family = load_meta(directory)
     dev, dt = default_device_dtype(device, dtype)
     if is_adapter(directory):
-        from peft import PeftModel
-
-        model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dt)
-        model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+        model, processor = load_merged_adapter(directory, meta, family, dtype=dt)
     else:
         model, processor = family.load(str(directory), dtype=dt)
     model.to(dev).eval()
