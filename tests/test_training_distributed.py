@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_process_cpu_training_saves_a_scoring_checkpoint(name, tiny_models, quality_set, tmp_path):
+    from qalign_kvq.families import get_family
     from qalign_kvq.loading import load_checkpoint
     from qalign_kvq.modeling import level_probs
     from qalign_kvq.video import read_frames, uniform_indices
@@ -69,6 +71,14 @@ def test_two_process_cpu_training_saves_a_scoring_checkpoint(name, tiny_models, 
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert log.count(f"distributed: DistributedType.{dist_type}, 2 processes, deepspeed: {bool(ds_config)}") == 2
+    # the logged parameter count is the whole model's, also when ZeRO-3 has partitioned it
+    counts = re.findall(r"trainable ([\d,]+) / total ([\d,]+) parameters", log)
+    assert len(counts) == 2, log[-4000:]
+    base_model, _ = get_family(family_name).load(str(tiny_models(family_name)), dtype=torch.float32)
+    base_total = sum(p.numel() for p in base_model.parameters())
+    for trainable, total in counts:
+        trainable, total = int(trainable.replace(",", "")), int(total.replace(",", ""))
+        assert total >= base_total and 0 < trainable < total, (trainable, total, base_total)
 
     checkpoint = out / "checkpoint-2"
     assert checkpoint.is_dir()

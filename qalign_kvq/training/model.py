@@ -142,10 +142,16 @@ def prepare_model(model, family: Family, method: str = "lora", *, lora_r: int = 
     return get_peft_model(model, config)
 
 
+def _numel(param: torch.nn.Parameter) -> int:
+    """Elements of ``param``, also when DeepSpeed ZeRO-3 has partitioned it (then ``numel()`` is 0 and
+    the full count is in ``ds_numel``)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def trainable_summary(model) -> str:
-    """``"trainable N / total M parameters (x%)"``."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """``"trainable N / total M parameters (x%)"``, counting ZeRO-3-partitioned parameters in full."""
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     return f"trainable {trainable:,} / total {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
 
 
