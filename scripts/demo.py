@@ -10,7 +10,9 @@ Each step is the real command-line tool a user runs (printed before it runs):
    evaluated with the challenge metrics (python -m qalign_kvq.evaluate),
 4. fine-tuning with `accelerate launch recipes/finetune.py recipes/configs/demo_cpu.yaml`,
 5. the fine-tuned model scored and evaluated the same way,
-6. one video scored, printing its JSON record.
+6. one video scored, printing its JSON record,
+7. for reference, a small no-reference CNN (scripts/practice_baseline.py) trained on the same train
+   split and evaluated the same way: what the labels allow a model with a visual prior to learn.
 The labels of the practice set are full-reference quality measures, not human opinion scores.
 """
 
@@ -56,6 +58,10 @@ def score_and_evaluate(model: Path, data: Path, out: Path, log: list, label: str
     pred = out / "prediction.csv"
     run([sys.executable, "-m", "qalign_kvq.infer", "--model", str(model), "--videos", str(data / "test.csv"),
          "--root", str(data), "--output", str(pred)], log, f"score the test set ({label})")
+    return evaluate(pred, data, out, log, label)
+
+
+def evaluate(pred: Path, data: Path, out: Path, log: list, label: str) -> dict:
     metrics = out / "metrics.json"
     run([sys.executable, "-m", "qalign_kvq.evaluate", "--pred", str(pred), "--truth", str(data / "test.csv"),
          "--pairs-homologous", str(data / "test_pairs_homologous.csv"),
@@ -93,16 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     run([py, "-m", "qalign_kvq.infer", "--model", str(model_dir), "--video", str(data / first_test)], log,
         "score one video")
 
+    reference_pred = out / "reference" / "prediction.csv"
+    run([py, "scripts/practice_baseline.py", "--data", str(data), "--output", str(reference_pred)], log,
+        "reference: a small no-reference CNN trained on the same split (scripts/practice_baseline.py)")
+    reference = evaluate(reference_pred, data, out / "reference", log, "reference CNN")
+
     print("\n=== held-out test sources (practice set; labels are full-reference measures, not MOS)")
-    print(f"{'metric':<8}{'untrained':>12}{'fine-tuned':>12}")
+    print(f"{'metric':<8}{'tiny LMM, untrained':>21}{'tiny LMM, fine-tuned':>22}{'reference CNN':>15}")
     for name in METRICS:
-        print(f"{name:<8}{before[name]:>12.4f}{after[name]:>12.4f}")
+        print(f"{name:<8}{before[name]:>21.4f}{after[name]:>22.4f}{reference[name]:>15.4f}")
+    print("The tiny LMM has a random vision tower and too few videos to learn quality features from\n"
+          "scratch: this run shows the pipeline, not a good scorer (README, 'Two commands'). The\n"
+          "reference CNN shows that the labels are learnable from the pixels by a model built for it.")
     print("\n=== time per step (wall clock; CPU = user + system time of the step's processes)")
     for label, seconds, cpu in log:
         print(f"{seconds:8.1f} s wall {cpu:8.1f} s CPU  {label}")
     print(f"{sum(t for _, t, _ in log):8.1f} s wall {sum(c for _, _, c in log):8.1f} s CPU  in all")
     print(f"\nwritten under {out}:\n  data/ (practice set)  model/ (fine-tuned checkpoint)  "
-          "untrained/ and finetuned/ (prediction.csv, metrics.json)")
+          "untrained/, finetuned/ and reference/ (prediction.csv, metrics.json)")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,33 @@ def test_clips_of_one_video_stay_in_one_split():
             kinds = {s.kind for s in demo.CATALOGUE if split[s.name] == sp}
             assert kinds == {"video", "photo"}, (seed, sp, split)
         assert any(split[s.name] == "val" for s in demo.CATALOGUE)
+
+
+def test_labels_are_learnable_without_reference(built, tmp_path):
+    """The practice set's point: a no-reference model trained on its train split ranks the held-out
+    test sources (scripts/practice_baseline.py: 0.79-0.81 over three seeds on this reduced set)."""
+    from qalign_kvq.evaluate import compute_metrics, read_scores
+
+    pred = tmp_path / "prediction.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "practice_baseline.py"), "--data", str(built),
+                           "--output", str(pred), "--steps", "600", "--no-progress"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, last = (float(x) for x in re.search(r"L1 loss ([\d.]+) .* -> ([\d.]+)", proc.stdout).groups())
+    assert last < 0.7 * first, proc.stdout
+    truth = read_scores(built / "test.csv")
+    scores = read_scores(pred)
+    assert set(scores) == set(truth)
+    assert compute_metrics(scores, truth)["SROCC"] >= 0.65
+
+
+def test_local_contrast_normalisation_ignores_brightness_and_contrast():
+    import torch
+
+    from practice_baseline import local_contrast_normalise
+
+    x = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    flat = local_contrast_normalise(torch.full((1, 1, 32, 32), 0.7))
+    assert flat.abs().max() < 1e-4
+    a, b = local_contrast_normalise(x, eps=1e-6), local_contrast_normalise(0.3 * x + 0.2, eps=1e-6)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
