@@ -206,7 +206,6 @@ def test_labels_are_learnable_without_reference(built, tmp_path):
 
 def test_local_contrast_normalisation_ignores_brightness_and_contrast():
     import torch
-
     from practice_baseline import local_contrast_normalise
 
     x = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
