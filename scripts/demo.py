@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shlex
 import subprocess
@@ -38,19 +39,18 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(cmd: list[str], log: list[tuple[str, float, float]], label: str) -> str:
+def run(cmd: list[str], log: list[tuple[str, float, float]], label: str) -> None:
     """Run one step, streaming its output; stop the demo if it fails. Logs its wall and CPU seconds."""
     print(f"\n=== {label}\n$ {shlex.join(cmd)}", flush=True)
     start, cpu = time.perf_counter(), _children_cpu()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        lines.append(line)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # output in the order it is written
+    while chunk := proc.stdout.read1(1 << 16):  # raw bytes: progress bars keep redrawing in place
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
     if proc.wait() != 0:
         sys.exit(f"demo: step '{label}' failed with exit code {proc.returncode}")
     log.append((label, time.perf_counter() - start, _children_cpu() - cpu))
-    return "".join(lines)
 
 
 def score_and_evaluate(model: Path, data: Path, out: Path, log: list, label: str) -> dict:
