@@ -63,12 +63,13 @@ def load_meta(directory: Path) -> tuple[CheckpointMeta, Family]:
 
 
 def load_merged_adapter(directory: str | os.PathLike, meta: CheckpointMeta, family: Family,
-                        dtype: torch.dtype | None = None):
+                        dtype: torch.dtype | None = None, **load_kwargs):
     """``(model, processor)``: the base model of the peft adapter in ``directory`` (resolved by path
-    or hub id from ``meta.base_model`` or the adapter config) with the adapter merged into it."""
+    or hub id from ``meta.base_model`` or the adapter config) with the adapter merged into it.
+    ``load_kwargs`` go to the base model's ``from_pretrained``."""
     from peft import PeftModel
 
-    model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dtype)
+    model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dtype, **load_kwargs)
     return PeftModel.from_pretrained(model, str(directory)).merge_and_unload(), processor
 
 
@@ -76,20 +77,23 @@ def load_checkpoint(
     path_or_id: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
 ):
     """``(model, processor, family, meta)`` from a directory or hub id, ready for scoring.
 
     A directory holding ``adapter_config.json`` is a peft adapter: the base model named by
     ``meta.base_model`` (or the adapter config) is loaded with its processor, and the adapter is
-    attached and merged.
+    attached and merged. ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``...)
+    goes to ``from_pretrained``; None keeps transformers' default.
     """
     directory = resolve_checkpoint(path_or_id)
     meta, family = load_meta(directory)
     dev, dt = default_device_dtype(device, dtype)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if is_adapter(directory):
-        model, processor = load_merged_adapter(directory, meta, family, dtype=dt)
+        model, processor = load_merged_adapter(directory, meta, family, dtype=dt, **kwargs)
     else:
-        model, processor = family.load(str(directory), dtype=dt)
+        model, processor = family.load(str(directory), dtype=dt, **kwargs)
     model.to(dev).eval()
     return model, processor, family, meta
 

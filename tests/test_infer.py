@@ -83,6 +83,20 @@ def test_usage_and_model_errors_exit_2(checkpoint, sample_video, tmp_path, capsy
     assert infer.main(["--video", str(sample_video), "--model", str(checkpoint), "--model-weight", "1", "2"]) == 2
 
 
+def test_attention_implementation_is_passed_to_the_model(checkpoint, sample_video, capsys):
+    from qalign_kvq.scorer import Scorer
+
+    scorer = Scorer.from_pretrained(checkpoint, device="cpu", attn_implementation="eager", frames=4)
+    assert scorer.models[0].model.config._attn_implementation == "eager"
+    assert infer.main(["--video", str(sample_video), "--model", str(checkpoint), *FAST]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert infer.main(["--video", str(sample_video), "--model", str(checkpoint), *FAST, "--attn", "eager"]) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert eager["score"] == pytest.approx(default["score"], abs=1e-5)
+    assert infer.main(["--video", str(sample_video), "--model", str(checkpoint), *FAST, "--attn", "no_such_attn"]) == 2
+    assert "no_such_attn" in capsys.readouterr().err
+
+
 def test_broken_files_are_recorded_and_the_batch_goes_on(checkpoint, video_corpus, broken_videos, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
