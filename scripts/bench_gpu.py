@@ -186,7 +186,27 @@ def bench_scoring(model, processor, family, bank: np.ndarray, device, dtype, vid
     return {"videos": videos, "views": len(views.clips), "frames": frames, "view_size": f"{view_w}x{view_h}",
             "tokens_per_view": tokens, "s_per_video": round(statistics.median(totals), 4),
             "videos_per_s": round(1 / statistics.median(totals), 3),
-            "model_s_per_video": round(statistics.median(models), 4), "peak_gib": _peak_gib(device)}
+            "model_s_per_video": round(statistics.median(models), 4),
+            "vision_tower_s_per_video": _vision_tower_seconds(model, family, processor, views.clips, device, dtype),
+            "peak_gib": _peak_gib(device)}
+
+
+@torch.no_grad()
+def _vision_tower_seconds(model, family, processor, clips, device, dtype, repeats: int = 3) -> float:
+    """Median seconds of the vision tower alone on all views of one video (its share of the model time)."""
+    from qalign_kvq.families.base import DEFAULT_QUESTION
+
+    batch = family.build_inputs(processor, clips, DEFAULT_QUESTION).batch
+    pixels = batch["pixel_values_videos"].to(device, dtype)
+    grid = batch["video_grid_thw"].to(device)
+    seconds = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        model.model.visual(pixels, grid_thw=grid)
+        _sync(device)
+        seconds.append(time.perf_counter() - t0)
+    return round(statistics.median(seconds), 4)
 
 
 def bench_training(model, processor, family, bank: np.ndarray, method: str, batch_size: int, steps: int,
@@ -342,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode:<6} {r['error']}")
         elif mode == "score":
             print(f"{mode:<6} {r['videos_per_s']:>14} videos/s {r['peak_gib']!s:>9}  {r['frames']} frames x "
-                  f"{r['views']} views of {r['view_size']}, {r['tokens_per_view']} tokens/view")
+                  f"{r['views']} views of {r['view_size']}, {r['tokens_per_view']} tokens/view; model "
+                  f"{r['model_s_per_video']} s/video, of which vision tower {r['vision_tower_s_per_video']} s")
         else:
             print(f"{mode:<6} {r['samples_per_s']:>13} samples/s {r['peak_gib']!s:>9}  batch {r['batch_size']}, "
                   f"{r['tokens_per_sample']} tokens/sample, {r['trainable']}")

@@ -37,7 +37,7 @@ def test_bench_gpu_smoke_runs_scoring_lora_and_full(tmp_path):
     score = results["score"]
     assert (score["videos"], score["views"], score["frames"]) == (1, 5, 12)
     assert score["videos_per_s"] > 0 and 0 < score["model_s_per_video"] <= score["s_per_video"]
-    assert score["tokens_per_view"] > 0
+    assert score["tokens_per_view"] > 0 and 0 < score["vision_tower_s_per_video"]
 
     for mode, batch in (("lora", 2), ("full", 1)):
         r = results[mode]
