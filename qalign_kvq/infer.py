@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".flv", ".3gp", ".ts", ".mpg", ".mpeg"}
 
 

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from qalign_kvq.loading import default_device_dtype, load_checkpoint
-from qalign_kvq.scoring import (ModelScore, ViewOptions, Views, clip_level_probs, ensemble, make_views,
-                                probs_by_word)
+from qalign_kvq.scoring import ModelScore, ViewOptions, Views, clip_level_probs, ensemble, make_views, probs_by_word
 from qalign_kvq.video import probe, read_frames, uniform_indices
 
 

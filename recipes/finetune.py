@@ -27,10 +27,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from qalign_kvq.annotations import add_levels, balance, check_videos, read_rank_pairs, read_table
 from qalign_kvq.checkpoint import CheckpointMeta
-from qalign_kvq.hub import HubError, MissingTokenError, push_to_hub
-from qalign_kvq.model_card import write_model_card
 from qalign_kvq.families.base import DEFAULT_QUESTION, QUESTIONS
+from qalign_kvq.hub import HubError, MissingTokenError, push_to_hub
 from qalign_kvq.levels import LevelScale
+from qalign_kvq.model_card import write_model_card
 from qalign_kvq.training.arguments import parse_args
 from qalign_kvq.training.collator import QualityCollator
 from qalign_kvq.training.dataset import ClipDataset, EpochCallback

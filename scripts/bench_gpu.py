@@ -66,6 +66,7 @@ def _import_script(path: Path, name: str):
 def build_config_and_processor(smoke: bool, workdir: Path):
     """``(config, processor)``: the tiny model's when ``smoke``; else the real 3B dimensions and
     Qwen's default processor sizes around the tiny offline tokenizer."""
+    import make_tiny_models  # a sibling script: scripts/ is sys.path[0] when this one runs
     from transformers import (
         AutoConfig,
         AutoProcessor,
@@ -74,8 +75,6 @@ def build_config_and_processor(smoke: bool, workdir: Path):
         Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
     )
-
-    import make_tiny_models  # a sibling script: scripts/ is sys.path[0] when this one runs
 
     tiny_dir = make_tiny_models.build_tiny_model("qwen2_5_vl", workdir)
     tiny = AutoProcessor.from_pretrained(tiny_dir)

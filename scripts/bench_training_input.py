@@ -20,8 +20,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-
-
 CLIP = "sandwich_5s_720x1280_h264"
 
 
@@ -37,9 +35,8 @@ def make_clip(work: Path) -> Path:
 
 def real_size_processor(workdir: Path):
     """Qwen2.5-VL's processor with its default image/video sizes around the tiny offline tokenizer."""
-    from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
     import make_tiny_models  # a sibling script: scripts/ is sys.path[0] when this one runs
+    from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     tiny = AutoProcessor.from_pretrained(make_tiny_models.build_tiny_model("qwen2_5_vl", workdir))
     return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(),

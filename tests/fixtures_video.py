@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import make_test_videos
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,16 @@ from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 from qalign_kvq import hub
 from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
 from qalign_kvq.families import get_family
-from qalign_kvq.hub import (BaseModelNotFoundError, CheckpointNotFoundError, MissingTokenError, NotACheckpointError,
-                            push_to_hub, require_checkpoint, resolve_base_model, resolve_checkpoint)
+from qalign_kvq.hub import (
+    BaseModelNotFoundError,
+    CheckpointNotFoundError,
+    MissingTokenError,
+    NotACheckpointError,
+    push_to_hub,
+    require_checkpoint,
+    resolve_base_model,
+    resolve_checkpoint,
+)
 from qalign_kvq.model_card import GENERATED_MARKER
 
 FAMILY = "qwen2_vl"
@@ -174,9 +182,9 @@ def test_recipe_run_pushed_and_loaded_by_repo_id(offline_cache, tmp_path, monkey
     evaluates it; the pushed checkpoint carries that evaluation in its card and, loaded back by repo
     id, scores like the training output."""
     from make_tiny_models import build_tiny_model
-    from tests.training_support import homologous_pairs, load_finetune, make_quality_set, write_csv, write_pairs
 
     from qalign_kvq.scorer import Scorer
+    from tests.training_support import homologous_pairs, load_finetune, make_quality_set, write_csv, write_pairs
 
     _place_in_cache(build_tiny_model(FAMILY, tmp_path / "base"), BASE_ID)
     table = make_quality_set(tmp_path / "videos", sources=("carphone", "bikes_a"))

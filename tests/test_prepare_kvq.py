@@ -2,9 +2,8 @@
 
 import csv
 
-from openpyxl import Workbook
-
 import prepare_kvq
+from openpyxl import Workbook
 
 
 def _layout(tmp_path, missing=False):

@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .errors import EmptyVideoError, NoVideoStreamError, NotAVideoError, VideoDecodeError, VideoNotFoundError
+from .errors import EmptyVideoError, NotAVideoError, NoVideoStreamError, VideoDecodeError, VideoNotFoundError
 
 BACKENDS = ("auto", "pyav", "decord")
 # first bytes of containers that FFmpeg reads: a file that starts like one but fails to open is damaged

@@ -106,11 +106,11 @@ class MPLUGOwl2Family(Family):
 
 __all__ = [
     "LORA_TARGETS",
+    "PROMPT_LAYOUTS",
     "MPLUGOwl2Config",
     "MPLUGOwl2Family",
     "MPLUGOwl2ForConditionalGeneration",
     "MPLUGOwl2ImageProcessor",
     "MPLUGOwl2Model",
     "MPLUGOwl2Processor",
-    "PROMPT_LAYOUTS",
 ]

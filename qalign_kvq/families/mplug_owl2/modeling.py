@@ -111,7 +111,7 @@ class MPLUGOwl2Attention(nn.Module):
 class MPLUGOwl2DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MPLUGOwl2Config, layer_idx: int):
         super().__init__()
-        norm = lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)  # noqa: E731
+        norm = lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = MPLUGOwl2Attention(config, layer_idx)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = Multiway(norm)
