@@ -313,3 +313,15 @@ def test_bfloat16_scores_close_to_float32(tiny_dir, loaded, family):
     probs = _level_probs(half.eval(), family, processor, inputs.to("cpu", torch.bfloat16)).float()
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(2), atol=1e-2, rtol=0)
     assert (probs - reference).abs().max() < 0.02  # measured 0.005
+
+
+def test_built_under_a_device_context_everything_lands_on_that_device(tiny_dir):
+    """``with torch.device(...)`` (how bench_gpu.py and accelerate's init on meta build models): no
+    parameter or buffer (the abstractor's sin-cos tables included) stays behind on the CPU."""
+    from qalign_kvq.families.mplug_owl2 import MPLUGOwl2Config
+
+    config = MPLUGOwl2Config.from_pretrained(tiny_dir)
+    with torch.device("meta"):
+        model = MPLUGOwl2ForConditionalGeneration(config)
+    stray = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
+    assert stray == []

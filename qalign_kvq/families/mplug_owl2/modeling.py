@@ -237,7 +237,8 @@ class AbstractorAttention(nn.Module):
     def sincos_tables(cfg: AbstractorSettings) -> tuple[torch.Tensor, torch.Tensor]:
         q_pos = sincos_1d(cfg.hidden_size, np.arange(cfg.num_learnable_queries, dtype=np.float32))
         k_pos = sincos_2d_with_cls(cfg.hidden_size, cfg.grid_size)
-        return torch.from_numpy(q_pos).float(), torch.from_numpy(k_pos).float()
+        # torch.tensor (not from_numpy) so that the tables follow a `with torch.device(...)` context
+        return torch.tensor(q_pos, dtype=torch.float32), torch.tensor(k_pos, dtype=torch.float32)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
