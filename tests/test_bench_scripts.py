@@ -43,7 +43,7 @@ def test_bench_gpu_smoke_runs_scoring_lora_and_full(tmp_path):
         r = results[mode]
         assert (r["batch_size"], r["frames"], r["steps_timed"]) == (batch, 8, 1), mode
         assert r["samples_per_s"] > 0 and math.isfinite(r["train_loss"]) and r["train_loss"] > 0, mode
-        assert r["tokens_per_sample"] > r["visual_patches_per_sample"] // 4 > 0, mode  # 2x2 merge
+        assert r["tokens_per_sample"] > r["visual_inputs_per_sample"] // 4 > 0, mode  # 2x2 merge
     lora_trainable = int(results["lora"]["trainable"].split()[1].replace(",", ""))
     full_trainable = int(results["full"]["trainable"].split()[1].replace(",", ""))
     assert 0 < lora_trainable < full_trainable
@@ -52,6 +52,20 @@ def test_bench_gpu_smoke_runs_scoring_lora_and_full(tmp_path):
     table = {line.split()[0]: line for line in run.stdout.splitlines()[-3:]}
     assert set(table) == {"score", "lora", "full"}
     assert "videos/s" in table["score"] and "samples/s" in table["lora"] and "samples/s" in table["full"]
+
+
+def test_bench_gpu_smoke_runs_the_onealign_backbone(tmp_path):
+    """--family mplug_owl2: the same measurements through the toolkit's mPLUG-Owl2 port."""
+    out = tmp_path / "bench_gpu.json"
+    _run(["scripts/bench_gpu.py", "--smoke", "--family", "mplug_owl2", "--modes", "score,lora", "--device", "cpu",
+          "--steps", "1", "--warmup", "0", "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    assert report["model"]["family"] == "mplug_owl2" and set(report["results"]) == {"score", "lora"}
+    score, lora = report["results"]["score"], report["results"]["lora"]
+    assert (score["views"], score["frames"]) == (5, 12) and score["videos_per_s"] > 0
+    assert score["tokens_per_view"] > 12 * 9  # 9 visual tokens per frame in the tiny port, plus the prompt
+    assert 0 < score["vision_tower_s_per_video"]
+    assert lora["visual_inputs_per_sample"] == 8 and lora["samples_per_s"] > 0 and math.isfinite(lora["train_loss"])
 
 
 def test_bench_training_input_reports_per_stage_rates(tmp_path):
