@@ -325,3 +325,16 @@ def test_built_under_a_device_context_everything_lands_on_that_device(tiny_dir):
         model = MPLUGOwl2ForConditionalGeneration(config)
     stray = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
     assert stray == []
+
+
+def test_many_images_are_preprocessed_in_parallel_chunks_with_the_same_result(loaded):
+    _, processor = loaded
+    image_processor = processor.image_processor
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (rng.integers(20, 90), rng.integers(20, 90), 3), dtype=np.uint8) for _ in range(21)]
+    parallel = image_processor(images, return_tensors="pt")["pixel_values"]
+    one_by_one = torch.cat([image_processor(image, return_tensors="pt")["pixel_values"] for image in images])
+    assert parallel.shape == (21, 3, 56, 56)
+    assert torch.equal(parallel, one_by_one)
+    assert len(image_processor(images[:3])["pixel_values"]) == 3  # one chunk, no tensors asked: a list
+    assert len(image_processor(images, return_tensors=None)["pixel_values"]) == 21

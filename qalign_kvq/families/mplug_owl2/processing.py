@@ -9,7 +9,9 @@ slots is tokenized chunk by chunk, as the original ``tokenizer_image_token`` doe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -46,12 +48,36 @@ class MPLUGOwl2ImageProcessor(CLIPImageProcessorPil):
     def background(self) -> tuple[int, ...]:
         return tuple(int(x * 255) for x in self.image_mean)
 
+    #: Images per thread when a call holds many (the 60 views x frames of a scored video): PIL's
+    #: resize and numpy release the GIL, so chunks run in parallel; the result is the same.
+    chunk_size = 8
+    max_threads = min(8, os.cpu_count() or 1)
+
     def preprocess(self, images, *args, **kwargs) -> BatchFeature:
         """``images``: one or a list of ``(H, W, 3)`` uint8 arrays or PIL images."""
         if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3):
             images = [images]
+        images = list(images)
+        chunks = [images[i : i + self.chunk_size] for i in range(0, len(images), self.chunk_size)]
+        if len(chunks) < 2 or self.max_threads < 2:
+            return self._preprocess_chunk(images, *args, **kwargs)
+        with ThreadPoolExecutor(min(self.max_threads, len(chunks))) as pool:
+            parts = list(pool.map(lambda chunk: self._preprocess_chunk(chunk, *args, **kwargs), chunks))
+        return BatchFeature({"pixel_values": _concat([part["pixel_values"] for part in parts])},
+                            tensor_type=None)
+
+    def _preprocess_chunk(self, images: list, *args, **kwargs) -> BatchFeature:
         padded = [expand_to_square(_rgb(image), self.background) for image in images]
         return super().preprocess(padded, *args, **kwargs)
+
+
+def _concat(parts: list):
+    """Join the chunks' ``pixel_values`` (tensors, arrays or lists) along the image axis."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return [image for part in parts for image in part]
 
 
 def _rgb(image) -> np.ndarray:
