@@ -213,3 +213,14 @@ def test_local_contrast_normalisation_ignores_brightness_and_contrast():
     assert flat.abs().max() < 1e-4
     a, b = local_contrast_normalise(x, eps=1e-6), local_contrast_normalise(0.3 * x + 0.2, eps=1e-6)
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_vision_probe_runs_and_reports_every_split(built, tiny_models):
+    """scripts/probe_tiny_vision.py (the diagnostic behind the README's account of the demo) runs."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_tiny_vision.py"), "--model",
+                           str(tiny_models("qwen2_5_vl")), "--data", str(built), "--steps", "4", "--eval-every", "2",
+                           "--batch", "2"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2", "step 4"]
+    assert all("'train'" in line and "'val'" in line and "'test'" in line for line in lines)
