@@ -245,10 +245,10 @@ def _vision_tower_seconds(model, family, processor, clips, device, dtype, repeat
     batch = family.build_inputs(processor, clips, DEFAULT_QUESTION).batch
     if "video_grid_thw" in batch:  # Qwen: the vision tower with its merger
         pixels, grid = batch["pixel_values_videos"].to(device, dtype), batch["video_grid_thw"].to(device)
-        run = lambda: model.model.visual(pixels, grid_thw=grid)  # noqa: E731
+        run = lambda: model.model.visual(pixels, grid_thw=grid)
     else:  # mPLUG-Owl2: ViT + visual abstractor on every frame
         pixels = batch["pixel_values"].to(device, dtype)
-        run = lambda: model.model.get_image_features(pixels)  # noqa: E731
+        run = lambda: model.model.get_image_features(pixels)
     seconds = []
     for _ in range(repeats):
         _sync(device)
