@@ -143,37 +143,35 @@ def _qwen_pixel_range(factor: int, frame_tokens: int = FRAME_TOKENS) -> dict[str
     return {"shortest_edge": factor * factor * 4, "longest_edge": factor * factor * frame_tokens}
 
 
-def _qwen2_vl(frame_tokens: int = FRAME_TOKENS):
-    from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def _qwen2_family(config_class, processor_class, vision_config: dict, frame_tokens: int):
+    """Qwen2-VL and Qwen2.5-VL: the same tokenizer, processors and text model; their own vision tower."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     tokenizer = _qwen_tokenizer([], _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "true"))
     size = _qwen_pixel_range(28, frame_tokens)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(size=size),
-                                 video_processor=Qwen2VLVideoProcessor(size=size, cap_pixels_per_frame=True),
-                                 tokenizer=tokenizer, chat_template=tokenizer.chat_template)
-    config = Qwen2VLConfig(
+    processor = processor_class(image_processor=Qwen2VLImageProcessor(size=size),
+                                video_processor=Qwen2VLVideoProcessor(size=size, cap_pixels_per_frame=True),
+                                tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    config = config_class(
         text_config=_text_config(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                               "mrope_section": [2, 3, 3]}),
-        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
-        **_qwen_token_ids(tokenizer))
+        vision_config=vision_config, **_qwen_token_ids(tokenizer))
     return config, processor
+
+
+def _qwen2_vl(frame_tokens: int = FRAME_TOKENS):
+    from transformers import Qwen2VLConfig, Qwen2VLProcessor
+
+    return _qwen2_family(Qwen2VLConfig, Qwen2VLProcessor,
+                         {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2}, frame_tokens)
 
 
 def _qwen2_5_vl(frame_tokens: int = FRAME_TOKENS):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
 
-    tokenizer = _qwen_tokenizer([], _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "true"))
-    size = _qwen_pixel_range(28, frame_tokens)
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size),
-                                    video_processor=Qwen2VLVideoProcessor(size=size, cap_pixels_per_frame=True),
-                                    tokenizer=tokenizer, chat_template=tokenizer.chat_template)
-    config = Qwen2_5_VLConfig(
-        text_config=_text_config(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                              "mrope_section": [2, 3, 3]}),
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-                       "window_size": 56, "fullatt_block_indexes": [1]},
-        **_qwen_token_ids(tokenizer))
-    return config, processor
+    return _qwen2_family(Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
+                         {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                          "window_size": 56, "fullatt_block_indexes": [1]}, frame_tokens)
 
 
 def _qwen3_vl(frame_tokens: int = FRAME_TOKENS):
