@@ -98,9 +98,11 @@ def _mplug_owl2(smoke: bool, workdir: Path):
     side = ONEALIGN_VISUAL["visual_model"]["image_size"]
     image_processor = MPLUGOwl2ImageProcessor(**dict(make_tiny_mplug_owl2.IMAGE_PROCESSOR, size={"shortest_edge": side},
                                                      crop_size={"height": side, "width": side}))
-    processor = MPLUGOwl2Processor(image_processor, tiny.tokenizer)
+    tokenizer = tiny.tokenizer
+    processor = MPLUGOwl2Processor(image_processor, tokenizer)
     config = MPLUGOwl2Config(**ONEALIGN_TEXT, visual_config=ONEALIGN_VISUAL, image_token_index=processor.image_token_id,
-                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
     processor.num_image_tokens = config.num_image_tokens
     return config, processor
 
