@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,18 +61,11 @@ QWEN25_VL_3B_VISION = {
     "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "hidden_act": "silu",
 }
 
-#: q-future/one-align's sizes (shared/fixtures/mplug_owl2_tiny/README.md lists them beside the tiny ones).
+#: q-future/one-align's language model (LlamaConfig's own defaults differ); its ViT and abstractor sizes
+#: are the defaults of the port's VisionSettings and AbstractorSettings.
 ONEALIGN_TEXT = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                  "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
                  "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
-ONEALIGN_VISUAL = {
-    "visual_model": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                     "num_attention_heads": 16, "image_size": 448, "patch_size": 14, "layer_norm_eps": 1e-6},
-    "visual_abstractor": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 6,
-                          "num_attention_heads": 16, "num_learnable_queries": 64, "encoder_hidden_size": 1024,
-                          "grid_size": 32, "layer_norm_eps": 1e-6},
-}
-
 
 def _import_script(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
@@ -90,17 +84,19 @@ def _mplug_owl2(smoke: bool, workdir: Path):
     import make_tiny_mplug_owl2  # a sibling script: scripts/ is sys.path[0] when this one runs
 
     from qalign_kvq.families.mplug_owl2 import MPLUGOwl2Config, MPLUGOwl2ImageProcessor, MPLUGOwl2Processor
+    from qalign_kvq.families.mplug_owl2.configuration import AbstractorSettings, VisionSettings
 
     tiny_dir = make_tiny_mplug_owl2.build(workdir / "mplug_owl2")
     tiny = MPLUGOwl2Processor.from_pretrained(tiny_dir)
     if smoke:
         return MPLUGOwl2Config.from_pretrained(tiny_dir), tiny
-    side = ONEALIGN_VISUAL["visual_model"]["image_size"]
+    visual_config = {"visual_model": asdict(VisionSettings()), "visual_abstractor": asdict(AbstractorSettings())}
+    side = visual_config["visual_model"]["image_size"]
     image_processor = MPLUGOwl2ImageProcessor(**dict(make_tiny_mplug_owl2.IMAGE_PROCESSOR, size={"shortest_edge": side},
                                                      crop_size={"height": side, "width": side}))
     tokenizer = tiny.tokenizer
     processor = MPLUGOwl2Processor(image_processor, tokenizer)
-    config = MPLUGOwl2Config(**ONEALIGN_TEXT, visual_config=ONEALIGN_VISUAL, image_token_index=processor.image_token_id,
+    config = MPLUGOwl2Config(**ONEALIGN_TEXT, visual_config=visual_config, image_token_index=processor.image_token_id,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id)
     processor.num_image_tokens = config.num_image_tokens
