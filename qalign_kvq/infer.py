@@ -155,7 +155,8 @@ def build_scorer(args, device=None):
                           include_full=args.include_full, crop_sandwich=args.crop_sandwich,
                           batch_size=args.views_per_forward)
     return Scorer.from_pretrained(args.model, device=device or args.device, dtype=args.dtype,
-                                  weights=args.model_weight, options=options, attn_implementation=args.attn)
+                                  weights=args.model_weight, options=options, attn_implementation=args.attn,
+                                  vision_attention=args.vision_attention)
 
 
 def score_one(scorer, name: str, path: Path) -> dict:
@@ -303,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
     p.add_argument("--attn", help="attention implementation: sdpa, eager, flash_attention_2 (needs flash-attn)... "
                                   "(default: transformers' choice)")
+    p.add_argument("--vision-attention", choices=["packed", "stock"], default="packed",
+                   help="Qwen-VL vision attention: packed (all windows of a layer in one call, default) or stock "
+                        "(transformers' loop over windows)")
     p.add_argument("--retry-errors", action="store_true", help="score again the files that failed before")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -78,18 +78,21 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
+    vision_attention: str = "packed",
 ):
     """``(model, processor, family, meta)`` from a directory or hub id, ready for scoring.
 
     A directory holding ``adapter_config.json`` is a peft adapter: the base model named by
     ``meta.base_model`` (or the adapter config) is loaded with its processor, and the adapter is
     attached and merged. ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``...)
-    goes to ``from_pretrained``; None keeps transformers' default.
+    goes to ``from_pretrained``; None keeps transformers' default. ``vision_attention``: ``packed``
+    (Qwen-VL vision attention in one call per layer) or ``stock`` (see :meth:`Family.load`).
     """
     directory = resolve_checkpoint(path_or_id)
     meta, family = load_meta(directory)
     dev, dt = default_device_dtype(device, dtype)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kwargs["vision_attention"] = vision_attention
     if is_adapter(directory):
         model, processor = load_merged_adapter(directory, meta, family, dtype=dt, **kwargs)
     else:

@@ -72,15 +72,17 @@ class Scorer:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike | Sequence[str | os.PathLike], device=None, dtype=None,
                         weights: Sequence[float] | None = None, options: ViewOptions | None = None,
-                        attn_implementation: str | None = None, **view_options) -> Scorer:
+                        attn_implementation: str | None = None, vision_attention: str = "packed",
+                        **view_options) -> Scorer:
         """Load one checkpoint (directory or hub id) or several (a list: a model ensemble).
-        ``attn_implementation`` goes to ``from_pretrained`` (e.g. ``flash_attention_2``).
+        ``attn_implementation`` goes to ``from_pretrained`` (e.g. ``flash_attention_2``);
+        ``vision_attention`` is ``packed`` (Qwen-VL, one call per layer) or ``stock``.
         Keyword arguments beyond these set :class:`ViewOptions` fields (``frames=8``...)."""
         paths = [path_or_id] if isinstance(path_or_id, (str, os.PathLike)) else list(path_or_id)
         dev, dt = default_device_dtype(device, dtype)
         loaded = []
         for path in paths:
-            model, processor, family, meta = load_checkpoint(path, dev, dt, attn_implementation)
+            model, processor, family, meta = load_checkpoint(path, dev, dt, attn_implementation, vision_attention)
             ids = family.level_token_ids(processor.tokenizer, meta.level_words)
             loaded.append(LoadedModel(str(path), model, processor, family, meta, ids))
         options = options or ViewOptions(**view_options)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qalign_kvq.families.qwen_vision_attention import VISION_ATTENTION_CHOICES
 from qalign_kvq.levels import LEVEL_WORDS
 
 ANSWER_PREFIX = "The quality of the video is"
@@ -76,13 +77,22 @@ class Family:
     equal_frame_counts: bool = False
 
     # ----- loading -------------------------------------------------------------------------
-    def load(self, path: str, *, dtype: torch.dtype | None = None, **kwargs: Any):
-        """Load ``(model, processor)`` from a local directory or hub id."""
+    def load(self, path: str, *, dtype: torch.dtype | None = None, vision_attention: str = "packed", **kwargs: Any):
+        """Load ``(model, processor)`` from a local directory or hub id. ``vision_attention``:
+        ``packed`` (one attention call per vision layer where the family has a per-window loop,
+        see :meth:`set_vision_attention`) or ``stock``; ``kwargs`` go to ``from_pretrained``."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        check_vision_attention(vision_attention)
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
+        self.set_vision_attention(model, vision_attention)
         return model, processor
+
+    def set_vision_attention(self, model, choice: str) -> None:
+        """Swap the vision attention modules of a loaded model to ``choice`` (``packed`` or
+        ``stock``). Families whose vision tower attends in one call anyway only check the choice."""
+        check_vision_attention(choice)
 
     # ----- prompting -----------------------------------------------------------------------
     def user_content(self, question: str, clip: np.ndarray) -> list[dict[str, Any]]:
@@ -189,6 +199,12 @@ class Family:
         if len(set(ids)) != len(ids):
             raise ValueError(f"{self.name}: level words share a first token: {dict(zip(words, ids))}")
         return ids
+
+
+def check_vision_attention(choice: str) -> None:
+    """Raise ``ValueError`` unless ``choice`` is a ``vision_attention`` value."""
+    if choice not in VISION_ATTENTION_CHOICES:
+        raise ValueError(f"vision_attention must be one of {', '.join(VISION_ATTENTION_CHOICES)}, not {choice!r}")
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:

@@ -11,6 +11,9 @@ default, the rate these models sample at): Qwen2.5-VL turns it into ``second_per
 temporal M-RoPE step; without metadata the processor would assume 24 fps), Qwen3-VL writes a
 ``<t seconds>`` timestamp before every temporal patch. Qwen2-VL has no notion of time.
 
+The vision tower's attention runs in one call per layer (``vision_attention="packed"``, the
+default of :meth:`Family.load`; ``"stock"`` keeps transformers' loop over windows and frames).
+
 LoRA targets ``q_proj/k_proj/v_proj/o_proj``: in these models only the language model has modules
 by those names (the vision blocks use ``qkv``/``proj``), so LoRA touches the language model only.
 """
@@ -33,6 +36,13 @@ class _QwenVLFamily(Family):
         if not clip_fps > 0:
             raise ValueError(f"clip_fps must be positive, got {clip_fps}")
         self.clip_fps = float(clip_fps)
+
+    def set_vision_attention(self, model, choice: str) -> None:
+        """``packed`` replaces transformers' per-window vision attention loop by one call per layer
+        (:mod:`qalign_kvq.families.qwen_vision_attention`); ``stock`` restores it."""
+        from qalign_kvq.families.qwen_vision_attention import set_vision_attention
+
+        set_vision_attention(model, choice)
 
     def video_kwargs(self, videos: list[np.ndarray]) -> dict[str, Any]:
         """No re-sampling; metadata saying frame ``i`` of a clip is at ``i / clip_fps`` seconds."""

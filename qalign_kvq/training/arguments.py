@@ -25,6 +25,9 @@ class ModelArguments:
     dtype: str = _f("auto", "Weights dtype when loading: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32.")
     attn_implementation: str | None = _f(None, "Attention implementation passed to from_pretrained (e.g. sdpa, "
                                                "flash_attention_2).")
+    vision_attention: str = _f("packed", "Qwen-VL vision attention: packed (all windows and frames of a layer in "
+                                         "one call) or stock (transformers' loop over them); other families "
+                                         "ignore it.", choices=["packed", "stock"])
     family_options: dict | str | None = _f(None, "Options of the family, a mapping (YAML/JSON), e.g. {prompt_layout: "
                                                  "question_first} for mplug_owl2 or {clip_fps: 2} for Qwen; stored "
                                                  "in qalign_kvq.json so scoring builds the family alike.")
@@ -41,6 +44,8 @@ class ModelArguments:
             self.family_options = {}
         if not isinstance(self.family_options, dict):
             raise ValueError(f"family_options must be a mapping of option names to values, not {self.family_options!r}")
+        if self.vision_attention not in ("packed", "stock"):
+            raise ValueError(f"vision_attention must be packed or stock, not {self.vision_attention!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
 

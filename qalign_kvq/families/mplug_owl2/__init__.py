@@ -21,7 +21,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from qalign_kvq.families.base import ANSWER_PREFIX, Family, answer_text
+from qalign_kvq.families.base import ANSWER_PREFIX, Family, answer_text, check_vision_attention
 from qalign_kvq.families.mplug_owl2.configuration import MPLUGOwl2Config
 from qalign_kvq.families.mplug_owl2.modeling import MPLUGOwl2ForConditionalGeneration, MPLUGOwl2Model
 from qalign_kvq.families.mplug_owl2.processing import IMAGE_TOKEN, MPLUGOwl2ImageProcessor, MPLUGOwl2Processor
@@ -63,9 +63,11 @@ class MPLUGOwl2Family(Family):
                              f"not {prompt_layout!r}")
         self.prompt_layout = prompt_layout
 
-    def load(self, path: str, *, dtype: torch.dtype | None = None, **kwargs: Any):
+    def load(self, path: str, *, dtype: torch.dtype | None = None, vision_attention: str = "packed", **kwargs: Any):
         """``(model, processor)`` from a directory or hub id; the processor's placeholder count and
-        id are checked against the model config."""
+        id are checked against the model config. ``vision_attention`` is only checked (the ViT
+        attends in one call)."""
+        check_vision_attention(vision_attention)
         try:
             processor = AutoProcessor.from_pretrained(path)
         except ValueError as err:
@@ -77,6 +79,7 @@ class MPLUGOwl2Family(Family):
                 ) from err
             raise
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
+        self.set_vision_attention(model, vision_attention)
         processor.num_image_tokens = model.config.num_image_tokens
         if processor.image_token_id != model.config.image_token_index:
             raise ValueError(
