@@ -14,6 +14,7 @@ from transformers import EvalPrediction, Trainer
 from qalign_kvq.levels import LEVEL_SCORES, LevelScale, expected_score
 from qalign_kvq.training.answer_logits import answer_logits
 from qalign_kvq.training.collator import TARGET_KEYS
+from qalign_kvq.training.model import FrozenInputGradHooks
 
 
 def soft_label_kl(level_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,7 @@ class QualityTrainer(Trainer):
                  kl_weight: float = 1.0, rank_weight: float = 1.0, vision_learning_rate: float | None = None,
                  vision_param_filter: Callable[[str], bool] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(FrozenInputGradHooks())  # no backward through a frozen vision tower
         self.level_token_ids = list(level_token_ids)
         self.loss_kind = loss
         self.weights = {"ce": ce_weight, "kl": kl_weight, "rank": rank_weight}
