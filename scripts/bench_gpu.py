@@ -28,7 +28,7 @@ Measured, all on the toolkit's own code paths:
 
 Each mode runs in two variants in the same run (``--variants``): ``before`` (transformers' per-window
 Qwen-VL vision attention; for training also the loss from full-vocabulary logits of every position,
-``bench_training_step.FullLogitsTrainer``) and ``after`` (one-call vision attention, answer-only
+``bench_training_step.FullLogitsTrainer``, and the backward through a frozen vision tower) and ``after`` (one-call vision attention, answer-only
 logits). Training reports model FLOPs per sample (``scripts/model_flops.py``, formula in
 docs/benchmarks.md) and MFU / HFU against the bf16 matmul rate measured at the start of the run (a
 timed large bf16 matmul). On CUDA, scoring also compares the packed attention's varlen kernel with
@@ -277,7 +277,7 @@ def bench_training(model, processor, family, bank: np.ndarray, method: str, batc
     from transformers import TrainerCallback
 
     from qalign_kvq.training.collator import QualityCollator
-    from qalign_kvq.training.model import in_group, prepare_model, trainable_summary
+    from qalign_kvq.training.model import FrozenInputGradHooks, in_group, prepare_model, trainable_summary
     from qalign_kvq.training.trainer import QualityTrainer
 
     finetune = _import_script(ROOT / "recipes" / "finetune.py", "finetune")
@@ -319,6 +319,8 @@ def bench_training(model, processor, family, bank: np.ndarray, method: str, batc
                              level_token_ids=family.level_token_ids(processor.tokenizer), loss="ce",
                              vision_learning_rate=2e-6 if method == "full" else None,
                              vision_param_filter=lambda name: in_group(name, vision))
+    if variant == "before":  # as before: the backward also runs through a frozen vision tower
+        trainer.remove_callback(FrozenInputGradHooks)
     summary = trainable_summary(model)
     sample = collator([dataset[0]])
     result = trainer.train()

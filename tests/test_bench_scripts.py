@@ -145,3 +145,34 @@ def test_model_flops_formula_matches_torch_flop_counter(tiny_models):
         assert expected.recompute > 0 if checkpointing else expected.recompute == 0
         assert abs(expected.model + expected.recompute - counted) < 0.01 * counted, (method, checkpointing,
                                                                                      expected, counted)
+
+
+def test_bench_training_step_smoke_compares_full_and_answer_only_logits(tmp_path):
+    out = tmp_path / "bench_training_step.json"
+    run = _run(["scripts/bench_training_step.py", "--smoke", "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    assert report["model"].endswith("151,936") and report["method"] == "lora" and report["dtype"] == "bfloat16"
+    assert report["tokens"] > report["answer_tokens"] > 0
+    for variant in ("baseline", "answer_only"):
+        (result,) = report["runs"][variant]
+        assert result["variant"] == variant and result["tokens"] == report["tokens"]
+        assert result["step_s"] > 0 and result["step_peak_mib"] > 0 and result["process_peak_mib"] > 0
+    summary = report["summary"]
+    # the same loss either way; the baseline's logits are tokens x 151,936 (bf16 and a float32 copy)
+    assert summary["baseline"]["loss"] == pytest.approx(summary["answer_only"]["loss"], rel=1e-5)
+    logits_mib = report["tokens"] * 151936 * 6 / 2**20
+    assert summary["baseline"]["step_peak_mib"] > logits_mib > summary["answer_only"]["step_peak_mib"]
+    assert report["peak_ratio"] < 0.5
+    assert "step peak" in run.stdout.splitlines()[-1]
+
+
+def test_bench_vision_attention_smoke_compares_packed_and_stock(tmp_path):
+    out = tmp_path / "bench_vision_attention.json"
+    run = _run(["scripts/bench_vision_attention.py", "--smoke", "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    assert report["tower"]["window_size"] == 112 and report["tower"]["patch_size"] == 14
+    assert report["views"] == 2 and len(report["grid_thw"]) == 2 and report["windows"] > 0
+    assert len(report["stock_s"]) == len(report["packed_s"]) == 1 and report["speedup"] > 0
+    assert report["max_abs_diff"] < 1e-5 < report["output_max_abs"]
+    assert report["block_diagonal"]["max_abs_diff"] < 1e-5
+    assert "packed" in run.stdout and "block-diagonal" in run.stdout.splitlines()[-1]
