@@ -179,8 +179,10 @@ def _qwen3_vl(frame_tokens: int = FRAME_TOKENS):
 
     tokenizer = _qwen_tokenizer([], _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"))
     size = _qwen_pixel_range(32, frame_tokens)
+    # Qwen3-VL's video size is a budget for the whole clip; the per-frame ceiling is max_video_tokens
+    video_processor = Qwen3VLVideoProcessor(size=size, cap_pixels_per_frame=True, max_video_tokens=frame_tokens)
     processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(size=size, patch_size=16),
-                                 video_processor=Qwen3VLVideoProcessor(size=size, cap_pixels_per_frame=True),
+                                 video_processor=video_processor,
                                  tokenizer=tokenizer, chat_template=tokenizer.chat_template)
     text = _text_config(tokenizer, head_dim=16, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})

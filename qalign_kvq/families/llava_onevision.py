@@ -26,15 +26,16 @@ class LlavaOneVisionFamily(Family):
     language_prefixes = ("model.language_model.", "lm_head.")
     equal_frame_counts = True
 
-    def chat_texts(self, processor, question: str, clip: np.ndarray, level_word: str | None) -> tuple[str, str]:
+    def chat_texts(self, processor, question: str, clip: np.ndarray, level_word: str | None,
+                   answer_prefix: str = ANSWER_PREFIX) -> tuple[str, str]:
         messages = [{"role": "user", "content": self.user_content(question, clip)}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + answer_prefix
         if level_word is None:
             return prompt, prompt
-        answer = answer_text(level_word)
+        answer = answer_text(level_word, answer_prefix)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         rendered = processor.apply_chat_template(messages, tokenize=False)
         if answer not in rendered:
             raise ValueError(f"{self.name}: the chat template does not render the assistant answer")
         end_of_turn = rendered[rendered.rindex(answer) + len(answer):]
-        return prompt, prompt + answer[len(ANSWER_PREFIX):] + end_of_turn
+        return prompt, prompt + answer[len(answer_prefix):] + end_of_turn
