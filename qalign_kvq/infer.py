@@ -1,5 +1,6 @@
 """Score videos from the command line.
 
+    python -m qalign_kvq.infer --video x.mp4                                  # the public OneAlign, its authors' way
     python -m qalign_kvq.infer --video x.mp4 --model DIR_OR_HUB_ID            # one JSON object
     python -m qalign_kvq.infer --videos DIR|LIST.csv|FILES... --model M --output pred.csv
     accelerate launch -m qalign_kvq.infer --videos test.csv --model M --output pred.jsonl
@@ -12,6 +13,11 @@ so a kill loses at most the video in flight; a rerun skips the files that alread
 (``--retry-errors`` scores the failed ones again), and a finished run leaves the records in input
 order. Under ``accelerate launch`` each process scores its share into ``<records>.part<rank>`` and
 rank 0 merges them in input order. Exit code: 0 all scored, 1 some failed, 2 usage or model error.
+
+Each checkpoint names its scoring protocol (``kvq``: 12 frames x FiveCrop on the MOS scale, for
+fine-tuned models; ``authors``: whole frames at the family's rate, the expected level, for public
+checkpoints); ``--protocol`` chooses another, and ``--frames``, ``--fps``, ``--crop-ratio``... change
+its settings (the record's ``protocol`` then lists them).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+
+from qalign_kvq.loading import DEFAULT_MODEL
+from qalign_kvq.scoring import PROTOCOLS
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".flv", ".3gp", ".ts", ".mpg", ".mpeg"}
 
@@ -147,15 +156,23 @@ def merge_parts(records: Path, order: dict[str, int]) -> None:
 
 
 # ----- scoring -----------------------------------------------------------------------------------
+#: Command-line flags that set a protocol's ViewOptions field of the same name (None: the protocol's own).
+PROTOCOL_FLAGS = ("frames", "fps", "max_frames", "crop_ratio", "center_weight", "views", "scale")
+
+
 def build_scorer(args, device=None):
     from qalign_kvq.scorer import Scorer
-    from qalign_kvq.scoring import ViewOptions
 
-    options = ViewOptions(frames=args.frames, crop_ratio=args.crop_ratio, center_weight=args.center_weight,
-                          include_full=args.include_full, crop_sandwich=args.crop_sandwich,
-                          batch_size=args.views_per_forward)
-    return Scorer.from_pretrained(args.model, device=device or args.device, dtype=args.dtype,
-                                  weights=args.model_weight, options=options, attn_implementation=args.attn)
+    overrides = {name: getattr(args, name) for name in PROTOCOL_FLAGS if getattr(args, name) is not None}
+    if args.include_full:
+        overrides["include_full"] = True
+    if args.crop_sandwich:
+        overrides["crop_sandwich"] = True
+    if args.views_per_forward:
+        overrides["batch_size"] = args.views_per_forward
+    return Scorer.from_pretrained(args.model or [DEFAULT_MODEL], device=device or args.device, dtype=args.dtype,
+                                  weights=args.model_weight, protocol=args.protocol, attn_implementation=args.attn,
+                                  frame_pixels=args.frame_pixels, **overrides)
 
 
 def score_one(scorer, name: str, path: Path) -> dict:
@@ -248,7 +265,7 @@ def run_calibrate(args) -> int:
     from qalign_kvq.checkpoint import META_FILE
     from qalign_kvq.evaluate import read_scores
 
-    dirs = [Path(m) for m in args.model]
+    dirs = [Path(m) for m in args.model or [DEFAULT_MODEL]]
     for d in dirs:
         if not (d / META_FILE).is_file():
             raise UsageError(f"{d}: calibration is stored with the model: pass a local qalign-kvq checkpoint dir")
@@ -288,16 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--videos", nargs="+", help="video files, folders and/or CSVs (filename column)")
     what.add_argument("--calibrate", metavar="TRUTH_CSV",
                       help="fit scores -> MOS on a filename,score CSV and store it with the model")
-    p.add_argument("--model", nargs="+", action="extend", required=True,
-                   help="checkpoint dir or hub id (several: an ensemble)")
+    p.add_argument("--model", nargs="+", action="extend",
+                   help=f"checkpoint dir or hub id (several: an ensemble); default: {DEFAULT_MODEL}")
     p.add_argument("--model-weight", nargs="+", action="extend", type=float, help="one weight per --model")
     p.add_argument("--output", help="JSONL or CSV (filename,score) file for --videos")
     p.add_argument("--root", help="base folder of the names in CSVs / folders")
-    p.add_argument("--frames", type=int, default=12, help="evenly spaced frames per video (default 12)")
-    p.add_argument("--crop-ratio", type=float, default=0.8, help="FiveCrop size as a share of each side (0.8)")
-    p.add_argument("--center-weight", type=float, default=2.0, help="weight of the centre crop (corners: 1)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="scoring protocol (default: the checkpoint's; kvq for fine-tuned, authors for public ones)")
+    p.add_argument("--frames", type=int, help="evenly spaced frames per video (kvq: 12)")
+    p.add_argument("--fps", type=float, help="frames per second of the whole video instead (authors: the family's rate)")
+    p.add_argument("--max-frames", type=int, help="at most this many frames with --fps (default: what the context holds)")
+    p.add_argument("--views", choices=["five_crop", "full"], help="FiveCrop views or the whole frame")
+    p.add_argument("--scale", choices=["mos", "levels"], help="score on the training MOS scale or as the expected level")
+    p.add_argument("--crop-ratio", type=float, help="FiveCrop size as a share of each side (kvq: 0.8)")
+    p.add_argument("--center-weight", type=float, help="weight of the centre crop, corners 1 (kvq: 2)")
     p.add_argument("--include-full", action="store_true", help="add the uncropped frames as a sixth view")
     p.add_argument("--crop-sandwich", action="store_true", help="crop detected sandwich videos to their content band")
+    p.add_argument("--frame-pixels", type=int,
+                   help="per-frame pixel budget (default: the one stored with the checkpoint / the model's own)")
     p.add_argument("--views-per-forward", type=int, help="views per model forward (default: all views at once)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
@@ -311,12 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.model_weight and len(args.model_weight) != len(args.model):
-            raise UsageError(f"{len(args.model_weight)} --model-weight values for {len(args.model)} --model")
+        if args.model_weight and len(args.model_weight) != len(args.model or [DEFAULT_MODEL]):
+            raise UsageError(f"{len(args.model_weight)} --model-weight values for {len(args.model or [1])} --model")
         if args.videos and not args.output:
             raise UsageError("--videos needs --output FILE (.jsonl or .csv)")
-        if args.frames < 1 or not 0 < args.crop_ratio <= 1 or args.center_weight < 0:
-            raise UsageError("need --frames >= 1, 0 < --crop-ratio <= 1, --center-weight >= 0")
+        if ((args.frames is not None and args.frames < 1) or (args.crop_ratio is not None and not 0 < args.crop_ratio <= 1)
+                or (args.center_weight is not None and args.center_weight < 0) or (args.fps is not None and args.fps <= 0)
+                or (args.max_frames is not None and args.max_frames < 1)
+                or (args.frame_pixels is not None and args.frame_pixels < 1)):
+            raise UsageError("need --frames >= 1, --fps > 0, --max-frames >= 1, 0 < --crop-ratio <= 1, "
+                             "--center-weight >= 0, --frame-pixels >= 1")
         if args.video:
             return run_single(args)
         if args.calibrate:

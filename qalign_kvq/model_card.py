@@ -120,6 +120,10 @@ def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -
         f"- Weights: {kind}",
         f"- Frames per clip in training: {meta.train_frames}",
         f"- Prompt: \"{meta.question}\"",
+        f"- Family options: {_value(meta.family_options or {})}"
+        + (f" (at most {meta.family_options['frame_pixels']:,} pixels a frame)"
+           if isinstance((meta.family_options or {}).get("frame_pixels"), int) else ""),
+        f"- Scoring protocol: `{meta.protocol}` (`python -m qalign_kvq.infer --model {model_name} --video x.mp4`)",
         "",
     ]
     if meta.recipe:
