@@ -154,10 +154,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     # Model.
     dtype = resolve_dtype(model_args.dtype, method.method)
     load_kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    model, processor, family, base_model, family_options = load_for_training(
-        model_args.model_name_or_path, model_args.family, dtype=dtype, family_options=model_args.family_options,
-        **load_kwargs)
-    model = prepare_model(model, family, method.method, lora_r=method.lora_r, lora_alpha=method.lora_alpha,
+    loaded = load_for_training(model_args.model_name_or_path, model_args.family, dtype=dtype,
+                               family_options=model_args.family_options, **load_kwargs)
+    processor, family = loaded.processor, loaded.family
+    level_ids = family.check_level_tokens(processor)
+    logger.info("family %s %s, level token ids %s", family.name, family.options(), level_ids)
+    model = prepare_model(loaded.model, family, method.method, lora_r=method.lora_r, lora_alpha=method.lora_alpha,
                           lora_dropout=method.lora_dropout, lora_targets=method.lora_target_modules,
                           freeze_vision=method.freeze_vision, freeze_projector=method.freeze_projector,
                           freeze_language=method.freeze_language,
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
         compute_metrics=(make_compute_metrics(val["filename"], val["score"], scale, pairs.homologous,
                                               pairs.nonhomologous) if val is not None else None),
         callbacks=[EpochCallback(train_ds), *(callbacks or [])],
-        level_token_ids=family.level_token_ids(processor.tokenizer), loss=method.loss,
+        level_token_ids=level_ids, loss=method.loss,
         ce_weight=method.ce_weight, kl_weight=method.kl_weight, rank_weight=method.rank_weight,
         vision_learning_rate=method.vision_learning_rate,
         vision_param_filter=lambda name: in_group(name, vision_prefixes),
@@ -197,11 +199,13 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     if val_ds is not None:
         metrics = {k.removeprefix("eval_"): float(v) for k, v in trainer.evaluate().items()
                    if k.removeprefix("eval_") in ("SROCC", "PLCC", "Rank1", "Rank2", "Final")}
+    lora = method.method == "lora"
     meta = CheckpointMeta(
         family=family.name, mos_low=scale.low, mos_high=scale.high, question=DEFAULT_QUESTION,
-        train_frames=data_args.num_frames, base_model=base_model if method.method == "lora" else None,
-        metrics=metrics, family_options=family_options,
-        recipe={"method": method.method, "loss": method.loss, "base": base_model,
+        train_frames=data_args.num_frames, base_model=loaded.base_model if lora else None,
+        base_revision=loaded.base_revision if lora else None, protocol=model_args.scoring_protocol,
+        metrics=metrics, family_options=family.options(),
+        recipe={"method": method.method, "loss": method.loss, "base": loaded.base_model,
                 "train_csv": data_args.train_csv, "epochs": training_args.num_train_epochs,
                 "max_steps": training_args.max_steps, "learning_rate": training_args.learning_rate},
     )

@@ -53,10 +53,23 @@ def test_onealign_recipe_has_the_q_align_lora_defaults():
     model, data, method, training = parse_args([recipe, "--bf16", "false"])
     assert (model.family, method.method, method.lora_r, method.lora_alpha, method.lora_dropout) == (
         "mplug_owl2", "lora", 128, 256, 0.05)
-    assert model.family_options == {"prompt_layout": "image_first"}  # Q-Align's training conversation
+    assert model.family_options == {"prompt_layout": "vicuna_v1"}  # Q-Align's training conversation (--version v1)
     assert method.freeze_vision and method.freeze_projector is False  # abstractor trained, ViT frozen
     assert training["num_train_epochs"] == 3 and training["learning_rate"] == 2e-4
     assert data.balance_levels and data.num_frames == 8 and data.crop_ratio == 0.9
+
+
+@pytest.mark.parametrize("name", ["kvq_onealign_lora", "kvq_onealign_lora_stage1_ugc", "kvq_onealign_lora_stage2_kvq"])
+def test_onealign_recipes_train_on_q_aligns_conversation(name):
+    model, *_ = parse_args([str(ROOT / f"recipes/configs/{name}.yaml"), "--bf16", "false"])
+    assert model.family_options["prompt_layout"] == "vicuna_v1"
+
+
+@pytest.mark.parametrize("name,budget", [("kvq_qwen2_5_vl_7b_lora", 768 * 28 * 28), ("kvq_qwen2_5_vl_3b_full", 768 * 28 * 28),
+                                         ("kvq_qwen3_vl_8b_lora", 768 * 32 * 32)])
+def test_qwen_recipes_state_the_frame_budget(name, budget):
+    model, *_ = parse_args([str(ROOT / f"recipes/configs/{name}.yaml"), "--bf16", "false"])
+    assert model.family_options["frame_pixels"] == budget and model.scoring_protocol == "kvq"
 
 
 def test_two_stage_recipe_continues_stage_one():

@@ -25,9 +25,13 @@ class ModelArguments:
     dtype: str = _f("auto", "Weights dtype when loading: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32.")
     attn_implementation: str | None = _f(None, "Attention implementation passed to from_pretrained (e.g. sdpa, "
                                                "flash_attention_2).")
-    family_options: dict | str | None = _f(None, "Options of the family, a mapping (YAML/JSON), e.g. {prompt_layout: "
-                                                 "question_first} for mplug_owl2 or {clip_fps: 2} for Qwen; stored "
-                                                 "in qalign_kvq.json so scoring builds the family alike.")
+    family_options: dict | str | None = _f(None, "Options of the family, a mapping (YAML/JSON), e.g. {frame_pixels: "
+                                                 "602112} (the per-frame pixel budget, default: the model's own "
+                                                 "video default), {prompt_layout: vicuna_v1} for mplug_owl2, "
+                                                 "{clip_fps: 2} for Qwen; stored in qalign_kvq.json (budget "
+                                                 "resolved) so scoring builds the family alike.")
+    scoring_protocol: str = _f("kvq", "Scoring protocol stored with the checkpoint: kvq (12 frames x FiveCrop, MOS "
+                                      "scale) or authors (whole frames at the family's rate, expected level).")
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -41,6 +45,10 @@ class ModelArguments:
             self.family_options = {}
         if not isinstance(self.family_options, dict):
             raise ValueError(f"family_options must be a mapping of option names to values, not {self.family_options!r}")
+        from qalign_kvq.scoring import PROTOCOLS
+
+        if self.scoring_protocol not in PROTOCOLS:
+            raise ValueError(f"scoring_protocol must be one of {', '.join(PROTOCOLS)}, not {self.scoring_protocol!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qalign_kvq.families.base import Family
+from qalign_kvq.families.base import ANSWER_PREFIX, Family
 from qalign_kvq.levels import soft_label
 
 #: Keys the collator adds beside the model inputs; the trainer removes them before ``model(**batch)``.
@@ -15,13 +15,14 @@ TARGET_KEYS = ("level_positions", "soft_labels", "level_scores", "mos")
 
 class QualityCollator:
     """``collator(examples) -> dict``: the family's ``build_inputs(..., level_words=...,
-    padding_side="right")`` batch (``input_ids``, pixels, ``labels``, ...) and ``level_positions``
+    padding_side="right", timings=...)`` batch (``input_ids``, pixels, ``labels``, ...) and ``level_positions``
     (B,), ``soft_labels`` (B, 5; the example's own or a two-level split of its level score),
     ``level_scores`` (B,) and ``mos`` (B,)."""
 
-    def __init__(self, family: Family, processor):
+    def __init__(self, family: Family, processor, answer_prefix: str = ANSWER_PREFIX):
         self.family = family
         self.processor = processor
+        self.answer_prefix = answer_prefix
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         inputs = self.family.build_inputs(
@@ -30,6 +31,8 @@ class QualityCollator:
             [ex["question"] for ex in examples],
             level_words=[ex["level_word"] for ex in examples],
             padding_side="right",
+            timings=[ex.get("timing") for ex in examples],
+            answer_prefix=self.answer_prefix,
         )
         batch = dict(inputs.batch)
         batch["level_positions"] = inputs.level_positions.long()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from qalign_kvq.families.base import DEFAULT_QUESTION, QUESTIONS
+from qalign_kvq.families.base import DEFAULT_QUESTION, QUESTIONS, ClipTiming
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -21,7 +21,8 @@ class ClipDataset(torch.utils.data.Dataset):
     shared by every frame, a random reverse and a question paraphrase, all from a generator seeded
     by ``(seed, epoch, index)``: the same epoch and index give the same clip, so runs and resumed
     runs see identical data. With ``train=False`` the frames are evenly spaced and the question is
-    the first one."""
+    the first one. Each item carries the clip's ``timing`` (its frames' indices and the video's
+    rate, mirrored for a reversed clip) for the families that read frame times."""
 
     def __init__(self, table: datasets.Dataset, num_frames: int = 8, train: bool = True, seed: int = 0,
                  crop_ratio: float = 0.9, reverse_prob: float = 0.5,
@@ -34,7 +35,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.reverse_prob = reverse_prob
         self.questions = list(questions) if train else [questions[0] if questions else DEFAULT_QUESTION]
         self.epoch = 0
-        self._frame_counts: dict[str, int] = {}
+        self._videos: dict[str, tuple[int, float]] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -42,27 +43,34 @@ class ClipDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _frame_count(self, path: str) -> int:
+    def _video(self, path: str) -> tuple[int, float]:
+        """``(frame count, fps)`` of a video, probed once."""
         from qalign_kvq.video import probe
 
-        if path not in self._frame_counts:
-            self._frame_counts[path] = probe(path).num_frames
-        return self._frame_counts[path]
+        if path not in self._videos:
+            info = probe(path)
+            self._videos[path] = (info.num_frames, info.fps)
+        return self._videos[path]
 
     def __getitem__(self, index: int) -> dict:
-        from qalign_kvq.video import augment_clip, random_indices, read_frames, uniform_indices
+        from qalign_kvq.video import augment_clip_reversed, random_indices, read_frames, uniform_indices
 
         row = self.rows[index]
-        count = self._frame_count(row["path"])
+        count, fps = self._video(row["path"])
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             indices = random_indices(count, self.num_frames, rng)
             clip = read_frames(row["path"], indices)
-            clip = augment_clip(clip, rng, crop_ratio=self.crop_ratio, reverse_prob=self.reverse_prob)
+            clip, reversed_ = augment_clip_reversed(clip, rng, crop_ratio=self.crop_ratio,
+                                                    reverse_prob=self.reverse_prob)
             question = self.questions[int(rng.integers(len(self.questions)))]
         else:
-            clip = read_frames(row["path"], uniform_indices(count, self.num_frames))
+            indices, reversed_ = uniform_indices(count, self.num_frames), False
+            clip = read_frames(row["path"], indices)
             question = self.questions[0]
+        timing = ClipTiming(tuple(indices), fps, count) if fps > 0 else None
+        if timing is not None and reversed_:
+            timing = timing.reversed()
         item = {
             "clip": np.ascontiguousarray(clip),
             "question": question,
@@ -70,6 +78,7 @@ class ClipDataset(torch.utils.data.Dataset):
             "level_score": float(row["level_score"]),
             "mos": float(row["score"]),
             "index": index,
+            "timing": timing,
         }
         if "soft_label" in row:
             item["soft_label"] = np.asarray(row["soft_label"], dtype=np.float32)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,28 +38,42 @@ def resolve_dtype(dtype: str, method: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+@dataclass
+class TrainingModel:
+    """What :func:`load_for_training` returns: the model and processor, the family (its
+    ``options()`` are what the new checkpoint stores, frame budget resolved), and the base model's
+    id or path with its Hub commit (None for a local base)."""
+
+    model: Any
+    processor: Any
+    family: Family
+    base_model: str
+    base_revision: str | None
+
+
 def load_for_training(model_name_or_path: str, family_name: str | None = None, dtype: torch.dtype = torch.float32,
-                      family_options: dict | None = None, **load_kwargs):
-    """``(model, processor, family, base_model, family_options)``. A qalign-kvq LoRA output directory
-    (adapter + ``qalign_kvq.json``) loads its base and keeps the adapter trainable (two-stage
-    training); ``base_model`` is then the base's path or id, else ``model_name_or_path``. The family
-    is built with ``family_options`` on top of those a qalign-kvq checkpoint stores (same family);
-    the returned options are the ones to store in the new checkpoint's meta. A public checkpoint
-    trains with the family's defaults (its ``zero_shot_options`` are for scoring only)."""
-    from qalign_kvq.hub import adapter_base_model, is_adapter, resolve_base_model, resolve_checkpoint
+                      family_options: dict | None = None, **load_kwargs) -> TrainingModel:
+    """Load the model to fine-tune. A qalign-kvq LoRA output directory (adapter + ``qalign_kvq.json``)
+    loads its base (at the revision it was trained on) and keeps the adapter trainable (two-stage
+    training), with the processor saved beside it; ``base_model`` is then the base's path or id,
+    else ``model_name_or_path``. The family is built with ``family_options`` on top of those a
+    qalign-kvq checkpoint stores (same family). A public checkpoint trains with the family's
+    defaults (its ``zero_shot_options`` are for scoring only)."""
+    from qalign_kvq.loading import has_processor, load_meta
+    from qalign_kvq.resolve import adapter_base_model, is_adapter, resolve_base_model, resolve_checkpoint, snapshot_revision
 
     directory = resolve_checkpoint(model_name_or_path)
-    meta = CheckpointMeta.load(directory) if (directory / META_FILE).is_file() else None
-    if family_name is None:
-        if meta is not None:
-            family_name = meta.family
-        else:
-            config = directory / "config.json"
-            if not config.is_file():
-                raise FileNotFoundError(f"{directory}: no config.json or {META_FILE}; pass family explicitly")
-            model_type = json.loads(config.read_text()).get("model_type", "")
-            family_name = family_for_model_type(model_type).name
-    inherited = meta.family_options if meta is not None and meta.family == family_name else {}
+    meta = None
+    inherited: dict = {}
+    if (directory / META_FILE).is_file():
+        meta, stored = load_meta(directory)
+        family_name = family_name or meta.family
+        inherited = stored.options() if stored.name == family_name else {}
+    elif family_name is None:
+        config = directory / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{directory}: no config.json or {META_FILE}; pass family explicitly")
+        family_name = family_for_model_type(json.loads(config.read_text()).get("model_type", "")).name
     options = {**inherited, **(family_options or {})}
     try:
         family = get_family(family_name, **options)
@@ -67,11 +83,13 @@ def load_for_training(model_name_or_path: str, family_name: str | None = None, d
         from peft import PeftModel
 
         meta = meta or CheckpointMeta(family=family.name)
-        model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dtype, **load_kwargs)
+        model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dtype,
+                                       processor_path=str(directory) if has_processor(directory) else None,
+                                       **load_kwargs)
         model = PeftModel.from_pretrained(model, str(directory), is_trainable=True)
-        return model, processor, family, adapter_base_model(directory, meta), options
+        return TrainingModel(model, processor, family, adapter_base_model(directory, meta), meta.base_revision)
     model, processor = family.load(str(directory), dtype=dtype, **load_kwargs)
-    return model, processor, family, str(model_name_or_path), options
+    return TrainingModel(model, processor, family, str(model_name_or_path), snapshot_revision(directory))
 
 
 def _existing_modules(model, prefixes: Sequence[str]) -> list[str]:
