@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test,logging]'
+	# The real Qwen vocabulary for the tests (qwen_agent/utils/qwen.tiktoken); none of its dependencies
+	$(PY) -m pip install -q --no-deps qwen-agent==0.0.34
 	touch $(STAMP)
 
 ffmpeg:
