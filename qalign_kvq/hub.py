@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import replace
@@ -32,6 +33,7 @@ from huggingface_hub.utils import validate_repo_id
 from qalign_kvq import __version__
 from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
 from qalign_kvq.model_card import write_model_card
+from qalign_kvq.plots import RUN_PICTURES
 
 ADAPTER_CONFIG = "adapter_config.json"
 #: Never pushed: the Trainer's intermediate checkpoints, its pickled arguments (scoring needs
@@ -156,8 +158,9 @@ _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeni
 
 def merge_lora_checkpoint(directory: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Merge an adapter checkpoint into its base model (peft ``merge_and_unload``) and save a full
-    checkpoint in ``out_dir``: safetensors weights, the processor and ``qalign_kvq.json`` with the
-    base model cleared (it stays in ``recipe["base_model"]`` for the model card)."""
+    checkpoint in ``out_dir``: safetensors weights, the processor, ``qalign_kvq.json`` with the
+    base model cleared (it stays in ``recipe["base_model"]`` for the model card) and the run's
+    pictures."""
     from qalign_kvq.families import get_family
     from qalign_kvq.loading import load_merged_adapter  # loading imports this module
 
@@ -177,6 +180,9 @@ def merge_lora_checkpoint(directory: str | os.PathLike, out_dir: str | os.PathLi
     recipe = {**(meta.recipe or {}), "lora_merged": True}
     recipe.setdefault("base_model", base)
     replace(meta, base_model=None, recipe=recipe).save(out_dir)
+    for name in RUN_PICTURES:  # the run's pictures, shown by the card
+        if (directory / name).is_file():
+            shutil.copy2(directory / name, out_dir / name)
     return out_dir
 
 

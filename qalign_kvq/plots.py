@@ -164,8 +164,10 @@ def save_curves(path: str | os.PathLike, log_history: Sequence[Mapping], dpi: in
                                color="tab:blue")
         drawn_loss = np.asarray(line.get_xydata()).copy()
     else:
-        loss_ax.text(0.5, 0.5, "no training loss logged\n(lower logging_steps)", ha="center", va="center",
-                     transform=loss_ax.transAxes)
+        mean = [entry["train_loss"] for entry in log_history if "train_loss" in entry]
+        note = f"mean training loss {mean[-1]:.4g}\n" if mean else ""
+        loss_ax.text(0.5, 0.5, f"no per-step loss logged\n{note}(lower logging_steps for a curve)", ha="center",
+                     va="center", transform=loss_ax.transAxes)
     loss_ax.set(xlabel="step", ylabel="training loss", title="training loss")
     loss_ax.grid(alpha=0.3)
     drawn_validation = {}
