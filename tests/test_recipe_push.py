@@ -20,6 +20,7 @@ from qalign_kvq.plots import CURVES_FILE, SCATTER_FILE
 from tests.test_hub import FakeHub, _files
 from tests.training_support import ROOT, load_finetune, quality_set, write_csv  # noqa: F401 (fixture)
 
+
 def _picture_links(text: str) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
 
