@@ -2,9 +2,9 @@
 
     python scripts/bench_report.py [--work /tmp/qalign_bench] [--rows 5000] [--repeats 3]
 
-1. Thumbnails: time of one frame strip (4 evenly spaced frames, 80 px high, WebP) of each clip that
-   scripts/bench_video.py makes (real content, KVQ-like sizes), best of ``--repeats``, and its bytes
-   as WebP and as JPEG.
+1. Thumbnails: time of one frame strip (4 evenly spaced frames, 80 px high, WebP) of the portrait
+   and sandwich clips that scripts/bench_video.py makes (real content, KVQ's sizes), best of
+   ``--repeats``, and its bytes as WebP and as JPEG.
 2. The page: ``--rows`` rows cycling those real strips (random scores and probabilities), its size
    and the time to write it.
 3. Headless Chromium (when installed): wall time until the page is loaded and every row drawn
@@ -27,12 +27,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_video import make_clips
+from bench_video import CLIPS
+from make_test_videos import _ffmpeg
 
 from qalign_kvq.report.page import Row, render_page
 from qalign_kvq.report.thumbnails import encode, make_thumbnail, strip_image
 from qalign_kvq.video import probe, read_frames, uniform_indices
 
+#: The portrait and sandwich clips of scripts/bench_video.py: the sizes of KVQ's videos.
+KVQ_LIKE = ("portrait_10s_1080x1920_h264", "sandwich_5s_720x1280_h264", "portrait_10s_1080x1920_hevc")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -55,7 +58,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    clips = make_clips(args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
+    clips = {name: args.work / f"{name}.mp4" for name in KVQ_LIKE}
+    for name, path in clips.items():
+        if not path.exists():  # the same clips as scripts/bench_video.py, shared through --work
+            _ffmpeg(CLIPS[name], path)
 
     thumbs = []
     result = {"machine": {"python": platform.python_version(), "cpus": len(os.sched_getaffinity(0)),
