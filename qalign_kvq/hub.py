@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import replace
@@ -25,6 +26,7 @@ from qalign_kvq import __version__
 from qalign_kvq.checkpoint import FORMAT_VERSION
 from qalign_kvq.loading import load_merged_adapter, load_meta
 from qalign_kvq.model_card import write_model_card
+from qalign_kvq.plots import RUN_PICTURES
 from qalign_kvq.resolve import (  # noqa: F401  (re-exported: the lookup half of the hub API)
     ADAPTER_CONFIG,
     BaseModelNotFoundError,
@@ -50,8 +52,9 @@ class MissingTokenError(HubError):
 
 def merge_lora_checkpoint(directory: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Merge an adapter checkpoint into its base model (peft ``merge_and_unload``) and save a full
-    checkpoint in ``out_dir``: safetensors weights, the adapter's processor and ``qalign_kvq.json``
-    with the base model cleared (it stays in ``recipe["base_model"]`` for the model card)."""
+    checkpoint in ``out_dir``: safetensors weights, the adapter's processor, ``qalign_kvq.json``
+    with the base model cleared (it stays in ``recipe["base_model"]`` for the model card) and the
+    run's pictures."""
     directory, out_dir = Path(directory), Path(out_dir)
     require_checkpoint(directory)
     if not is_adapter(directory):
@@ -66,6 +69,9 @@ def merge_lora_checkpoint(directory: str | os.PathLike, out_dir: str | os.PathLi
     recipe.setdefault("base_model", base)
     replace(meta, base_model=None, base_revision=None, recipe=recipe, family_options=family.options(),
             format_version=FORMAT_VERSION).save(out_dir)
+    for name in RUN_PICTURES:  # the run's pictures, shown by the card
+        if (directory / name).is_file():
+            shutil.copy2(directory / name, out_dir / name)
     return out_dir
 
 

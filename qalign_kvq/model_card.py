@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from qalign_kvq.checkpoint import CheckpointMeta
+from qalign_kvq.plots import RUN_PICTURES
 
 CARD_FILE = "README.md"
 #: First body line of a generated card; a card without it was written by hand and is kept on push.
@@ -103,8 +105,10 @@ def _value(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -> str:
-    """The Markdown text of the card (no metadata)."""
+def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False,
+              pictures: Sequence[str] = ()) -> str:
+    """The Markdown text of the card (no metadata). ``pictures``: files of :data:`RUN_PICTURES`
+    that sit beside the card (shown by relative links, so they must be pushed with it)."""
     base = card_base_model(meta)
     kind = "a LoRA adapter (peft) over its base model" if is_adapter else "full model weights (safetensors)"
     lines = [
@@ -155,6 +159,9 @@ def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -
             "| " + " | ".join(f"{value:.4f}" for _, value in pairs) + " |",
             "",
         ]
+    if pictures:
+        lines += ["## Training", ""]
+        lines += [f"![{RUN_PICTURES.get(name, name)}]({name})\n" for name in pictures]
     lines += [
         "## Use",
         "",
@@ -174,10 +181,11 @@ def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -
     return "\n".join(lines)
 
 
-def build_model_card(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -> ModelCard:
+def build_model_card(meta: CheckpointMeta, model_name: str, is_adapter: bool = False,
+                     pictures: Sequence[str] = ()) -> ModelCard:
     """The card of a checkpoint; ``model_name`` is its repo id (``ORG/NAME``) or a display name."""
     data = build_card_data(meta, model_name, is_adapter)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(meta, model_name, is_adapter)}")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(meta, model_name, is_adapter, pictures)}")
 
 
 def is_generated_card(path: str | os.PathLike) -> bool:
@@ -189,13 +197,15 @@ def is_generated_card(path: str | os.PathLike) -> bool:
 
 
 def write_model_card(directory: str | os.PathLike, model_name: str, overwrite_manual: bool = False) -> Path:
-    """Write ``README.md`` into a checkpoint directory from its ``qalign_kvq.json``. A hand-written
-    card is kept unless ``overwrite_manual`` (see :func:`is_generated_card`)."""
+    """Write ``README.md`` into a checkpoint directory from its ``qalign_kvq.json``, showing the run's
+    pictures found there. A hand-written card is kept unless ``overwrite_manual`` (see
+    :func:`is_generated_card`)."""
     directory = Path(directory)
     path = directory / CARD_FILE
     if path.is_file() and not overwrite_manual and not is_generated_card(path):
         return path
     meta = CheckpointMeta.load(directory)
     is_adapter = (directory / "adapter_config.json").is_file()
-    build_model_card(meta, model_name, is_adapter).save(path)
+    pictures = [name for name in RUN_PICTURES if (directory / name).is_file()]
+    build_model_card(meta, model_name, is_adapter, pictures).save(path)
     return path

@@ -6,8 +6,9 @@ Any field of the YAML (model, data, method arguments and every ``transformers.Tr
 field) can be overridden by a flag. ``--resume_from_checkpoint last`` continues the newest
 ``checkpoint-*`` in ``output_dir``. At the end ``output_dir`` holds the weights (safetensors) or the
 peft adapter, the processor, ``qalign_kvq.json`` (family and its options, MOS range, question,
-frames, metrics): everything ``python -m qalign_kvq.infer`` needs, and the model card
-(``README.md``). With ``push_to_hub: true`` and ``hub_model_id: ORG/NAME`` (optional
+frames, metrics): everything ``python -m qalign_kvq.infer`` needs, the model card (``README.md``)
+and its pictures: ``training_curves.png`` (training loss, validation SROCC/PLCC/Final per
+evaluation) and, with a validation set, ``validation_scatter.png`` of the saved model. With ``push_to_hub: true`` and ``hub_model_id: ORG/NAME`` (optional
 ``hub_private_repo``, ``hub_token``) the first process then uploads ``output_dir`` with
 ``qalign_kvq.hub.push_to_hub``; the Trainer itself never pushes.
 """
@@ -31,6 +32,7 @@ from qalign_kvq.families.base import DEFAULT_QUESTION, QUESTIONS
 from qalign_kvq.hub import HubError, MissingTokenError, push_to_hub
 from qalign_kvq.levels import LevelScale
 from qalign_kvq.model_card import write_model_card
+from qalign_kvq.plots import save_run_pictures
 from qalign_kvq.training.arguments import parse_args
 from qalign_kvq.training.collator import QualityCollator
 from qalign_kvq.training.dataset import ClipDataset, EpochCallback
@@ -212,6 +214,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     out = save_outputs(trainer, processor, meta, training_args.output_dir)
     logger.info("saved %s", out)
     if trainer.is_world_process_zero():
+        validation = trainer.compute_metrics  # holds the last evaluation's predictions (the model saved)
+        save_run_pictures(out, trainer.state.log_history, getattr(validation, "last_predictions", None),
+                          getattr(validation, "truth", None), metrics, scale)
         write_model_card(out, push["repo_id"] if push else str(out))
         if push:
             url = push_to_hub(out, push["repo_id"], private=push["private"], token=push["token"])

@@ -31,6 +31,7 @@ from qalign_kvq.hub import (
     resolve_checkpoint,
 )
 from qalign_kvq.model_card import GENERATED_MARKER
+from qalign_kvq.plots import CURVES_FILE, save_curves
 
 FAMILY = "qwen2_vl"
 BASE_ID = "tiny-org/qwen2-vl-base"
@@ -372,7 +373,9 @@ def test_push_merge_lora_sends_a_full_model_that_scores_like_the_adapter(trained
     _place_in_cache(trained["base"], BASE_ID)
     fake = FakeHub(tmp_path / "remote")
     fake.install(monkeypatch)
-    url = push_to_hub(trained["lora"], "org/merged", merge_lora=True, token="hf_test_token")
+    adapter = shutil.copytree(trained["lora"], tmp_path / "lora")
+    save_curves(adapter / CURVES_FILE, [{"loss": 5.0, "step": 1}, {"loss": 4.0, "step": 2}])  # as a run leaves it
+    url = push_to_hub(adapter, "org/merged", merge_lora=True, token="hf_test_token")
     assert url == "https://huggingface.co/org/merged"
     assert fake.calls[0][2]["private"] is None  # not --private: the account's default visibility
     remote = tmp_path / "remote"
@@ -383,6 +386,8 @@ def test_push_merge_lora_sends_a_full_model_that_scores_like_the_adapter(trained
     assert meta.base_model is None and meta.recipe["base_model"] == BASE_ID
     card = ModelCard.load(remote / "README.md")
     assert card.data.base_model == BASE_ID and "lora" not in card.data.tags
+    assert _files(remote)[CURVES_FILE] == (adapter / CURVES_FILE).read_bytes()  # the merged push keeps the picture
+    assert f"]({CURVES_FILE})" in card.text
     np.testing.assert_allclose(_scores(remote, trained["clips"]), _scores(trained["lora"], trained["clips"]),
                                rtol=0, atol=1e-5)
 

@@ -124,7 +124,9 @@ class QualityTrainer(Trainer):
 def make_compute_metrics(filenames: Sequence[str], truth: Sequence[float], scale: LevelScale,
                          homologous_pairs=None, nonhomologous_pairs=None) -> Callable[[EvalPrediction], dict]:
     """``compute_metrics`` for the Trainer: level logits of the validation rows (in table order) ->
-    expected score -> MOS scale -> SROCC, PLCC, Rank1, Rank2, Final (those that can be computed)."""
+    expected score -> MOS scale -> SROCC, PLCC, Rank1, Rank2, Final (those that can be computed).
+    The function keeps its latest MOS-scale predictions (filename -> score) in ``last_predictions``
+    and the truth in ``truth``: the run's validation scatter draws them."""
     from qalign_kvq.evaluate import compute_metrics
 
     names = list(filenames)
@@ -137,7 +139,9 @@ def make_compute_metrics(filenames: Sequence[str], truth: Sequence[float], scale
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         mos = scale.to_mos(expected_score(probs))
+        metrics.last_predictions = dict(zip(names, mos.tolist()))
         result = compute_metrics(dict(zip(names, mos.tolist())), true, homologous_pairs, nonhomologous_pairs)
         return {k: float(v) for k, v in result.items() if v is not None and math.isfinite(v)}
 
+    metrics.last_predictions, metrics.truth = None, true
     return metrics
