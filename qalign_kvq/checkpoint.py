@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,14 +87,15 @@ class CheckpointMeta:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path`` (the file gets the
+    umask's mode, like any output: ``mkstemp`` would make it readable by its owner only)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
+        with open(tmp, "w") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
