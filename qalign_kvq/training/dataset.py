@@ -21,11 +21,15 @@ class ClipDataset(torch.utils.data.Dataset):
     shared by every frame, a random reverse and a question paraphrase, all from a generator seeded
     by ``(seed, epoch, index)``: the same epoch and index give the same clip, so runs and resumed
     runs see identical data. With ``train=False`` the frames are evenly spaced and the question is
-    the first one."""
+    the first one.
+
+    The epoch and the frame counts live in shared memory, so DataLoader workers (forked once, or
+    kept with ``persistent_workers``) see each new epoch and probe each video once for all workers
+    and epochs; ``frame_counts`` (path -> count, e.g. from ``check_videos``) fills the cache ahead."""
 
     def __init__(self, table: datasets.Dataset, num_frames: int = 8, train: bool = True, seed: int = 0,
                  crop_ratio: float = 0.9, reverse_prob: float = 0.5,
-                 questions: Sequence[str] = QUESTIONS):
+                 questions: Sequence[str] = QUESTIONS, frame_counts: dict[str, int] | None = None):
         self.rows = table.to_list()
         self.num_frames = num_frames
         self.train = train
@@ -33,21 +37,31 @@ class ClipDataset(torch.utils.data.Dataset):
         self.crop_ratio = crop_ratio
         self.reverse_prob = reverse_prob
         self.questions = list(questions) if train else [questions[0] if questions else DEFAULT_QUESTION]
-        self.epoch = 0
-        self._frame_counts: dict[str, int] = {}
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._path_ids = {path: i for i, path in enumerate(dict.fromkeys(row["path"] for row in self.rows))}
+        known = frame_counts or {}
+        self._frame_counts = torch.tensor([known.get(path, -1) for path in self._path_ids],
+                                          dtype=torch.int64).share_memory_()  # -1: not probed yet
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
 
     def _frame_count(self, path: str) -> int:
         from qalign_kvq.video import probe
 
-        if path not in self._frame_counts:
-            self._frame_counts[path] = probe(path).num_frames
-        return self._frame_counts[path]
+        slot = self._path_ids[path]
+        count = int(self._frame_counts[slot])
+        if count < 0:
+            count = probe(path).num_frames
+            self._frame_counts[slot] = count
+        return count
 
     def __getitem__(self, index: int) -> dict:
         from qalign_kvq.video import augment_clip, random_indices, read_frames, uniform_indices
