@@ -23,7 +23,6 @@ from tests.distributed_support import FakeHub, cpu_env, fidelity_rank, free_port
 from tests.test_training import FREEZE, SMALL, TINY_RECIPE
 from tests.training_support import ROOT, quality_set, write_csv  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.slow
 DDP_TIMEOUT = 10  # seconds: every collective of the run below must meet it
 PUSH_SECONDS = 12  # the fake Hub's commit takes this long: more than DDP_TIMEOUT
 # Losses of the run below (global batch 2, lr 1e-3, LoRA dropout 0). They equal those of the same
@@ -76,6 +75,7 @@ def lora_gc_run(tiny_models, quality_set, tmp_path_factory):
             "model_dir": model_dir, "csv": csv}
 
 
+@pytest.mark.slow
 def test_ddp_lora_with_gradient_checkpointing_trains_and_its_checkpoint_scores(lora_gc_run):
     from qalign_kvq.loading import load_checkpoint
     from qalign_kvq.modeling import level_probs
@@ -93,12 +93,14 @@ def test_ddp_lora_with_gradient_checkpointing_trains_and_its_checkpoint_scores(l
     assert probs.shape == (1, 5) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_persistent_workers_see_each_epochs_augmentation(lora_gc_run):
     # step 3 is the first of epoch 1: its clips are drawn with epoch 1 in the long-lived workers
     assert lora_gc_run["proc"].returncode == 0, lora_gc_run["log"][-4000:]
     assert _losses(lora_gc_run["out"] / "checkpoint-3")[2] == pytest.approx(GC_LOSSES[2], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_push_slower_than_ddp_timeout_still_exits_0(lora_gc_run):
     hub, out = lora_gc_run["hub"], lora_gc_run["out"]
     assert lora_gc_run["proc"].returncode == 0, lora_gc_run["log"][-4000:]
@@ -110,6 +112,58 @@ def test_a_push_slower_than_ddp_timeout_still_exits_0(lora_gc_run):
     assert not any(name.startswith("checkpoint-") for name in hub.files)
 
 
+@pytest.mark.slow
+def test_what_makes_a_checkpoint_incomplete(lora_gc_run, tmp_path):
+    from qalign_kvq.training.resume import checkpoint_problem, last_complete_checkpoint
+
+    assert lora_gc_run["proc"].returncode == 0, lora_gc_run["log"][-4000:]
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(lora_gc_run["out"] / "checkpoint-2", ckpt)
+    assert checkpoint_problem(ckpt) is None
+    state = (ckpt / "trainer_state.json").read_text()
+    (ckpt / "trainer_state.json").write_text(state[: len(state) // 2])
+    assert checkpoint_problem(ckpt).startswith("trainer_state.json is incomplete")
+    (ckpt / "trainer_state.json").write_text(state)
+    weights = (ckpt / "adapter_model.safetensors").read_bytes()
+    (ckpt / "adapter_model.safetensors").write_bytes(weights[:-100])
+    assert checkpoint_problem(ckpt).startswith("adapter_model.safetensors is not a complete safetensors file")
+    (ckpt / "adapter_model.safetensors").write_bytes(weights)
+    (ckpt / "optimizer.pt").unlink()
+    assert checkpoint_problem(ckpt).startswith("no optimizer state")
+    assert checkpoint_problem(ckpt, save_only_model=True) is None
+    shutil.copytree(lora_gc_run["out"] / "checkpoint-2", tmp_path / "checkpoint-10")  # a step it does not hold
+    assert checkpoint_problem(tmp_path / "checkpoint-10") == "trainer_state.json is at step 2, not 10"
+    assert last_complete_checkpoint(tmp_path) is None
+    shutil.copytree(lora_gc_run["out"] / "checkpoint-2", tmp_path / "checkpoint-2", dirs_exist_ok=True)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+
+
+def test_dataloader_workers_share_the_epoch_and_the_frame_counts(quality_set, tmp_path, monkeypatch):
+    import qalign_kvq.video
+    from qalign_kvq.annotations import add_levels, read_table
+    from qalign_kvq.levels import LevelScale
+    from qalign_kvq.training.dataset import ClipDataset
+
+    root, _ = quality_set
+    table = add_levels(read_table(write_csv(tmp_path / "train.csv", SMALL), root), LevelScale(1.0, 5.0))
+    dataset = ClipDataset(table, num_frames=4, train=True, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, persistent_workers=True)
+    epoch0 = [np.asarray(item["clip"]) for item in loader]
+    dataset.set_epoch(1)  # as EpochCallback does, in the main process, between epochs
+    epoch1 = [np.asarray(item["clip"]) for item in loader]
+
+    def no_probe(path):
+        raise AssertionError(f"{path} probed again")
+
+    monkeypatch.setattr(qalign_kvq.video, "probe", no_probe)  # the worker's counts are in shared memory
+    expected = [dataset[i]["clip"] for i in range(len(dataset))]  # epoch 1, drawn here
+    assert all(np.array_equal(a, b) for a, b in zip(epoch1, expected))
+    assert not any(np.array_equal(a, b) for a, b in zip(epoch0, epoch1))
+    counts = {path: 8 for path in table["path"]}  # e.g. from check_videos: nothing left to probe
+    assert ClipDataset(table, num_frames=4, train=False, frame_counts=counts)[0]["clip"].shape[0] == 4
+
+
+@pytest.mark.slow
 def test_resume_skips_a_half_written_newest_checkpoint(lora_gc_run, tmp_path):
     from qalign_kvq.training.resume import checkpoint_problem
 
@@ -146,6 +200,7 @@ if os.environ.get("RANK") == "1":
 """
 
 
+@pytest.mark.slow
 def test_video_check_runs_on_every_rank_and_a_slow_share_does_not_time_the_others_out(tiny_models, quality_set,
                                                                                         tmp_path):
     root, _ = quality_set
@@ -174,6 +229,7 @@ def test_video_check_runs_on_every_rank_and_a_slow_share_does_not_time_the_other
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_vision_parameters_under_zero3_offload_move_at_the_vision_learning_rate(tiny_models, quality_set, tmp_path):
     """mPLUG-Owl2 (Q-Align's backbone) with LoRA on the language model and the vision tower, under
     ds_configs/zero3_offload.json (DeepSpeed's CPU Adam) with gradient checkpointing, which ZeRO-3 +
@@ -202,6 +258,7 @@ def test_vision_parameters_under_zero3_offload_move_at_the_vision_learning_rate(
             assert float(tensor.abs().max()) == pytest.approx(lr, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_fidelity_loss_pairs_the_clips_of_every_rank(tmp_path):
     from qalign_kvq.training.trainer import fidelity_rank_loss
 

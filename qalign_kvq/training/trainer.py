@@ -79,6 +79,26 @@ def global_fidelity_rank_loss(level_logits: torch.Tensor, level_scores: torch.Te
 _ADAMW = {"adamw_torch", "adamw_torch_fused"}
 
 
+def offloads_optimizer(ds_config: dict) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device") in ("cpu", "nvme")
+
+
+def deepspeed_optimizer_problem(ds_config: dict, vision_learning_rate: float | None, optim) -> str | None:
+    """What a DeepSpeed config would silently not honour, or None. Its ``optimizer`` block makes
+    DeepSpeed build the optimizer from every trainable parameter (``create_optimizer`` never runs),
+    so ``vision_learning_rate`` would not apply; without the block, an offloaded optimizer runs
+    DeepSpeed's CPU AdamW (see ``create_optimizer``), which stands only for the AdamW ``optim``s."""
+    if vision_learning_rate is not None and "optimizer" in ds_config:
+        return ("its 'optimizer' block makes DeepSpeed build the optimizer, which would train the vision tower at "
+                "learning_rate, not vision_learning_rate: remove the block (the Trainer then builds the optimizer "
+                "with the vision parameter group, DeepSpeed's CPU AdamW where the optimizer is offloaded)")
+    optim = getattr(optim, "value", optim)
+    if offloads_optimizer(ds_config) and "optimizer" not in ds_config and optim not in _ADAMW:
+        return f"the offloaded optimizer runs DeepSpeed's CPU AdamW: optim {optim} cannot be honoured; use adamw_torch"
+    return None
+
+
 class QualityTrainer(Trainer):
     """``Trainer`` whose loss is ``ce_weight * CE(answer)`` (``loss="ce"``), or with ``loss="deqa"``
     ``ce_weight * CE + kl_weight * KL(soft label) + rank_weight * fidelity``. Evaluation returns the
@@ -140,26 +160,14 @@ class QualityTrainer(Trainer):
 
     def _optimizer_offloaded(self) -> bool:
         config = getattr(self.args, "hf_deepspeed_config", None)
-        return bool(self.is_deepspeed_enabled and config is not None
-                    and config.get_value("zero_optimization.offload_optimizer.device") in ("cpu", "nvme"))
+        return bool(self.is_deepspeed_enabled and config is not None and offloads_optimizer(config.config))
 
     def _check_optimizer_settings(self) -> None:
-        """Refuse what the optimizer would silently ignore: a DeepSpeed ``optimizer`` block makes
-        DeepSpeed build its own optimizer from every trainable parameter (``create_optimizer`` never
-        runs), so ``vision_learning_rate`` would not apply; optimizer offload runs DeepSpeed's CPU
-        Adam, so only the AdamW optimizers can be honoured."""
         config = getattr(self.args, "hf_deepspeed_config", None)
-        if not self.is_deepspeed_enabled or config is None:
-            return
-        if self.vision_learning_rate is not None and "optimizer" in config.config:
-            raise ValueError(f"DeepSpeed config {self.args.deepspeed}: its 'optimizer' block makes DeepSpeed build the "
-                             "optimizer, which would train the vision tower at learning_rate, not "
-                             "vision_learning_rate: remove the block (the Trainer then builds the optimizer with the "
-                             "vision parameter group; DeepSpeed's CPU Adam where the optimizer is offloaded)")
-        if self._optimizer_offloaded() and "optimizer" not in config.config \
-                and getattr(self.args.optim, "value", self.args.optim) not in _ADAMW:
-            raise ValueError(f"DeepSpeed config {self.args.deepspeed} offloads the optimizer, which runs DeepSpeed's CPU "
-                             f"Adam(W): optim {self.args.optim} cannot be honoured; use one of {sorted(_ADAMW)}")
+        if self.is_deepspeed_enabled and config is not None:
+            problem = deepspeed_optimizer_problem(config.config, self.vision_learning_rate, self.args.optim)
+            if problem:
+                raise ValueError(f"DeepSpeed config {self.args.deepspeed}: {problem}")
 
     def create_optimizer(self, model=None):
         """The default optimizer, with ``vision_learning_rate`` on the parameters the filter selects;
