@@ -59,21 +59,22 @@ def training_arguments(fields: dict, method, has_val: bool, has_pairs: bool) -> 
     fields = {**fields, "remove_unused_columns": False, "label_names": ["mos"]}
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.cuda.is_available():
-        # CPU processes talk over gloo. The Trainer passes ddp_backend on for DDP but not for
-        # DeepSpeed, whose ranks would each believe they are alone: set the state up here instead.
-        if fields.get("deepspeed"):
-            from accelerate import PartialState
+        # CPU processes talk over gloo. The Trainer passes the backend on for DDP but not for
+        # DeepSpeed, whose ranks would each believe they are alone, and ddp_timeout to neither on
+        # CPU: set the state up here instead, with both.
+        from accelerate import PartialState
 
+        timeout = timedelta(seconds=fields.get("ddp_timeout") or 1800)
+        if fields.get("deepspeed"):
             if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
                 raise RuntimeError("DeepSpeed on CPU: launch without ACCELERATE_USE_CPU=1 (it makes the Trainer skip "
                                    "DeepSpeed); see recipes/accelerate/cpu_zero2.yaml")
-
-            PartialState(backend="gloo", timeout=timedelta(seconds=fields.get("ddp_timeout") or 1800))
-            config = fields.get("accelerator_config") or {}
-            config = json.loads(config) if isinstance(config, str) else dict(config)
-            fields["accelerator_config"] = {**config, "use_configured_state": True}
-        elif fields.get("ddp_backend") is None:
-            fields["ddp_backend"] = "gloo"
+            PartialState(backend="gloo", timeout=timeout)
+        else:
+            PartialState(cpu=True, backend=fields.get("ddp_backend") or "gloo", timeout=timeout)
+        config = fields.get("accelerator_config") or {}
+        config = json.loads(config) if isinstance(config, str) else dict(config)
+        fields["accelerator_config"] = {**config, "use_configured_state": True}
     if fields.get("gradient_checkpointing"):
         if fields.get("gradient_checkpointing_kwargs") is None:
             # PEFT + ZeRO-3 needs reentrant checkpointing (the adapter's inputs get requires_grad);

@@ -279,3 +279,13 @@ def test_fidelity_loss_pairs_the_clips_of_every_rank(tmp_path):
     grads[0::2], grads[1::2] = parts[0]["grad"] / 2, parts[1]["grad"] / 2
     torch.testing.assert_close(grads, whole.grad, atol=1e-7, rtol=1e-5)
     assert float(fidelity_rank_loss(logits[:1], scores[:1])) == 0.0  # one clip alone has no pair
+
+
+def test_deqa_loss_refuses_a_step_of_one_clip(tiny_models, quality_set, tmp_path):
+    from tests.test_training import run_recipe
+
+    root, _ = quality_set
+    with pytest.raises(ValueError, match=r"needs at least 2 of them \(per_device_train_batch_size x processes\)"):
+        run_recipe(tiny_models("qwen2_5_vl"), "qwen2_5_vl", root, tmp_path / "out",
+                   extra=["--loss", "deqa", "--per_device_train_batch_size", "1"])
+    assert not (tmp_path / "out").exists()
