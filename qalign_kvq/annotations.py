@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
@@ -171,26 +172,72 @@ def read_table(path: str | os.PathLike, video_root: str | os.PathLike, require_s
     return read_csv_table(path, video_root, require_scores)
 
 
-def check_videos(table: datasets.Dataset, source: str = "annotations", readable: bool = True) -> None:
-    """Raise :class:`MissingVideosError` listing every row whose file is missing (or, with
-    ``readable``, cannot be probed as a video). Nothing is skipped silently."""
+NOT_FOUND = "file not found"
+
+
+def video_problems(table: datasets.Dataset, readable: bool = True, rank: int = 0,
+                   world_size: int = 1) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """What one process finds: ``(filename, reason)`` of every row whose file it cannot see, and
+    with ``readable`` of the rows of its share (every ``world_size``-th distinct file from ``rank``)
+    that cannot be probed as a video; plus the frame count and rate of each file of its share
+    (path -> (frames, fps))."""
     from qalign_kvq.video import VideoError, probe
 
-    problems = []
+    problems, counts, present = [], {}, set()
     for name, path in zip(table["filename"], table["path"]):
-        if not Path(path).is_file():
-            problems.append((name, "file not found"))
+        if Path(path).is_file():
+            present.add(path)
+        else:
+            problems.append((name, NOT_FOUND))
+    distinct = dict(zip(table["path"], table["filename"]))  # the shares split the table, not one view of it
+    for path, name in list(distinct.items())[rank::world_size] if readable else []:
+        if path not in present:
             continue
-        if readable:
-            try:
-                info = probe(path)
-            except VideoError as err:
-                problems.append((name, getattr(err, "reason", str(err))))
-                continue
-            if info.num_frames < 1:
-                problems.append((name, "no frames"))
-    if problems:
-        raise MissingVideosError(source, problems)
+        try:
+            info = probe(path)
+        except VideoError as err:
+            problems.append((name, getattr(err, "reason", str(err))))
+            continue
+        if info.num_frames < 1:
+            problems.append((name, "no frames"))
+        else:
+            counts[path] = (info.num_frames, info.fps)
+    return problems, counts
+
+
+def check_videos(table: datasets.Dataset, source: str = "annotations", readable: bool = True,
+                 timeout: float = 6 * 3600) -> dict[str, tuple[int, float]]:
+    """Raise :class:`MissingVideosError` listing every row whose file is missing (or, with
+    ``readable``, cannot be probed as a video); nothing is skipped silently. Returns what the probes
+    found (path -> (frame count, fps)). Under torch.distributed every process must call it: each looks for every
+    file (its own view of the storage) and probes its share, then all wait up to ``timeout`` seconds
+    for each other on a side group and raise the same error, naming the processes that miss a file
+    the others see."""
+    import socket
+
+    from qalign_kvq.distributed import all_gather, rank_and_size, side_group
+
+    rank, world_size = rank_and_size()
+    found = video_problems(table, readable, rank, world_size)
+    with side_group(timedelta(seconds=timeout)) as group:
+        gathered = all_gather((socket.gethostname(), *found), group)
+    seen: dict[str, dict[str, set[int]]] = {}
+    counts: dict[str, tuple[int, float]] = {}
+    for r, (_, problems, probed) in enumerate(gathered):
+        counts.update(probed)
+        for name, reason in problems:
+            seen.setdefault(name, {}).setdefault(reason, set()).add(r)
+    order = {name: i for i, name in enumerate(table["filename"])}
+    merged = []
+    for name in sorted(seen, key=order.__getitem__):
+        for reason, ranks in seen[name].items():
+            if reason == NOT_FOUND and len(ranks) < world_size:
+                where = ", ".join(f"{r} ({gathered[r][0]})" for r in sorted(ranks))
+                reason = f"{NOT_FOUND} by process {where} of {world_size} (the others see it)"
+            merged.append((name, reason))
+    if merged:
+        raise MissingVideosError(source, merged)
+    return counts
 
 
 def add_levels(table: datasets.Dataset, scale: LevelScale, soft_labels: bool = False,

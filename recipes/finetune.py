@@ -11,6 +11,10 @@ and its pictures: ``training_curves.png`` (training loss, validation SROCC/PLCC/
 evaluation) and, with a validation set, ``validation_scatter.png`` of the saved model. With ``push_to_hub: true`` and ``hub_model_id: ORG/NAME`` (optional
 ``hub_private_repo``, ``hub_token``) the first process then uploads ``output_dir`` with
 ``qalign_kvq.hub.push_to_hub``; the Trainer itself never pushes.
+
+Under several processes the videos are checked by all of them (each its share) once the process
+group exists, and the model card and push happen after the last collective, so neither counts
+against ``ddp_timeout``; README.md ("Multi-GPU and multi-node") says what each launch mode assumes.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ import json
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import transformers
-from transformers.trainer_utils import get_last_checkpoint
 
 from qalign_kvq.annotations import add_levels, balance, check_videos, read_rank_pairs, read_table
 from qalign_kvq.checkpoint import CheckpointMeta
+from qalign_kvq.distributed import broadcast, end_process_group
 from qalign_kvq.families.base import DEFAULT_QUESTION, QUESTIONS
 from qalign_kvq.hub import HubError, MissingTokenError, push_to_hub
 from qalign_kvq.levels import LevelScale
@@ -44,6 +49,7 @@ from qalign_kvq.training.model import (
     save_outputs,
     trainable_summary,
 )
+from qalign_kvq.training.resume import last_complete_checkpoint
 from qalign_kvq.training.trainer import QualityTrainer, make_compute_metrics
 
 logger = logging.getLogger("qalign_kvq.finetune")
@@ -55,24 +61,34 @@ def training_arguments(fields: dict, method, has_val: bool, has_pairs: bool) -> 
     fields = {**fields, "remove_unused_columns": False, "label_names": ["mos"]}
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.cuda.is_available():
-        # CPU processes talk over gloo. The Trainer passes ddp_backend on for DDP but not for
-        # DeepSpeed, whose ranks would each believe they are alone: set the state up here instead.
-        if fields.get("deepspeed"):
-            from accelerate import PartialState
+        # CPU processes talk over gloo. The Trainer passes the backend on for DDP but not for
+        # DeepSpeed, whose ranks would each believe they are alone, and ddp_timeout to neither on
+        # CPU: set the state up here instead, with both.
+        from accelerate import PartialState
 
+        timeout = timedelta(seconds=fields.get("ddp_timeout") or 1800)
+        if fields.get("deepspeed"):
             if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
                 raise RuntimeError("DeepSpeed on CPU: launch without ACCELERATE_USE_CPU=1 (it makes the Trainer skip "
                                    "DeepSpeed); see recipes/accelerate/cpu_zero2.yaml")
-
-            PartialState(backend="gloo")
-            config = fields.get("accelerator_config") or {}
-            config = json.loads(config) if isinstance(config, str) else dict(config)
-            fields["accelerator_config"] = {**config, "use_configured_state": True}
-        elif fields.get("ddp_backend") is None:
-            fields["ddp_backend"] = "gloo"
-    if fields.get("gradient_checkpointing") and fields.get("gradient_checkpointing_kwargs") is None:
-        # PEFT + ZeRO-3 needs reentrant checkpointing (the adapter's inputs get requires_grad).
-        fields["gradient_checkpointing_kwargs"] = {"use_reentrant": method.method == "lora"}
+            PartialState(backend="gloo", timeout=timeout)
+        else:
+            PartialState(cpu=True, backend=fields.get("ddp_backend") or "gloo", timeout=timeout)
+        config = fields.get("accelerator_config") or {}
+        config = json.loads(config) if isinstance(config, str) else dict(config)
+        fields["accelerator_config"] = {**config, "use_configured_state": True}
+    if fields.get("gradient_checkpointing"):
+        if fields.get("gradient_checkpointing_kwargs") is None:
+            # PEFT + ZeRO-3 needs reentrant checkpointing (the adapter's inputs get requires_grad);
+            # elsewhere non-reentrant, which DDP's find_unused_parameters and vision adapters work with.
+            fields["gradient_checkpointing_kwargs"] = {"use_reentrant": method.method == "lora"
+                                                       and zero_stage(fields.get("deepspeed")) == 3}
+        kwargs = fields["gradient_checkpointing_kwargs"]
+        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
+        if kwargs.get("use_reentrant", True) and fields.get("ddp_find_unused_parameters") is None:
+            # reentrant backward passes mark parameters ready more than once: DDP must not look for
+            # unused ones (the Trainer does this for a PreTrainedModel, not for a PeftModel)
+            fields["ddp_find_unused_parameters"] = False
     if not has_val:
         fields.update(eval_strategy="no", load_best_model_at_end=False, metric_for_best_model=None)
     elif fields.get("metric_for_best_model") in (None, "Final"):
@@ -86,6 +102,16 @@ def training_arguments(fields: dict, method, has_val: bool, has_pairs: bool) -> 
         report_to = [r for r in report_to if r != "tensorboard"] or ["none"]
     fields["report_to"] = report_to
     return transformers.TrainingArguments(**fields)
+
+
+def zero_stage(deepspeed) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (path, JSON text or mapping); None without one."""
+    if not deepspeed:
+        return None
+    if isinstance(deepspeed, str):
+        deepspeed = json.loads(deepspeed if deepspeed.lstrip().startswith("{") else Path(deepspeed).read_text())
+    stage = deepspeed.get("zero_optimization", {}).get("stage")
+    return int(stage) if isinstance(stage, int) or str(stage).isdigit() else None
 
 
 def hub_push_settings(fields: dict) -> dict | None:
@@ -116,25 +142,31 @@ def hub_push_settings(fields: dict) -> dict | None:
 
 def load_tables(data_args, soft_labels: bool, seed: int):
     """``(train, val, scale, pairs)``: annotation tables with levels (the bins from the training MOS
-    range unless given), every video checked before anything trains (by the first process only: a
-    failure there stops the launch); ``val``/``pairs`` may be None."""
-    check = data_args.check_videos != "none" and int(os.environ.get("RANK", "0")) == 0
+    range unless given); ``val``/``pairs`` may be None. The videos are checked by :func:`check_tables`."""
     train = read_table(data_args.train_csv, data_args.video_root)
     scale = (LevelScale(data_args.mos_low, data_args.mos_high) if data_args.mos_low is not None
              else LevelScale.from_scores(train["score"]))
     train = add_levels(train, scale, soft_labels=soft_labels, min_std=data_args.soft_label_min_std)
-    if check:
-        check_videos(train, data_args.train_csv, readable=data_args.check_videos == "probe")
     if data_args.balance_levels:
         train = balance(train, seed=seed)
     val, pairs = None, None
     if data_args.val_csv:
         val = add_levels(read_table(data_args.val_csv, data_args.val_video_root or data_args.video_root), scale)
-        if check:
-            check_videos(val, data_args.val_csv, readable=data_args.check_videos == "probe")
         pairs = read_rank_pairs(data_args.val_pairs_homologous, data_args.val_pairs_nonhomologous,
                                 data_args.val_pairs_xlsx, known=val["filename"])
     return train, val, scale, pairs
+
+
+def check_tables(data_args, train, val) -> dict[str, tuple[int, float]]:
+    """Check every video before anything trains (``check_videos``: on every process, each probing
+    its share; all raise the same error); returns what the probes found (path -> (frames, fps))."""
+    if data_args.check_videos == "none":
+        return {}
+    readable = data_args.check_videos == "probe"
+    counts = check_videos(train, data_args.train_csv, readable=readable, timeout=data_args.check_videos_timeout)
+    if val is not None:
+        counts.update(check_videos(val, data_args.val_csv, readable=readable, timeout=data_args.check_videos_timeout))
+    return counts
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
@@ -149,9 +181,14 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     has_pairs = bool(pairs and pairs.homologous and pairs.nonhomologous)  # Final needs both
     training_args = training_arguments(training_fields, method, val is not None, has_pairs)
     # Set up the process group now: ZeRO-3 partitions the weights while they load (zero.Init), and
-    # needs to know the world size by then.
+    # needs to know the world size by then; the video check is shared out over it.
     logger.info("device %s, process %d of %d", training_args.device, training_args.process_index,
                 training_args.world_size)
+    if method.loss == "deqa" and method.rank_weight > 0 and \
+            training_args.per_device_train_batch_size * training_args.world_size < 2:
+        raise ValueError("loss deqa: the fidelity rank loss pairs the clips of one step across all processes and "
+                         "needs at least 2 of them (per_device_train_batch_size x processes), or rank_weight: 0")
+    probed = check_tables(data_args, train, val)
 
     # Model.
     dtype = resolve_dtype(model_args.dtype, method.method)
@@ -170,8 +207,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
 
     questions = QUESTIONS if data_args.question_paraphrases else (DEFAULT_QUESTION,)
     train_ds = ClipDataset(train, data_args.num_frames, train=True, seed=training_args.seed,
-                           crop_ratio=data_args.crop_ratio, reverse_prob=data_args.reverse_prob, questions=questions)
-    val_ds = ClipDataset(val, data_args.eval_num_frames, train=False) if val is not None else None
+                           crop_ratio=data_args.crop_ratio, reverse_prob=data_args.reverse_prob, questions=questions,
+                           probed=probed)
+    val_ds = (ClipDataset(val, data_args.eval_num_frames, train=False, probed=probed)
+              if val is not None else None)
     vision_prefixes = tuple(family.vision_prefixes) + tuple(family.projector_prefixes)
     trainer = QualityTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds,
@@ -192,9 +231,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     logger.info("distributed: %s, %d processes, deepspeed: %s", state.distributed_type, state.num_processes,
                 trainer.is_deepspeed_enabled)
     resume = training_args.resume_from_checkpoint
-    if resume in ("last", "auto", "true", "True"):
-        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
-        logger.info("resuming from %s", resume or "scratch (no checkpoint found)")
+    if resume in ("last", "auto", "true", "True"):  # process 0 picks, so that all resume the same one
+        resume = broadcast(last_complete_checkpoint(training_args.output_dir, training_args.save_only_model)
+                           if trainer.is_world_process_zero() else None)
+        logger.info("resuming from %s", resume or "scratch (no complete checkpoint found)")
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = None
@@ -213,6 +253,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     )
     out = save_outputs(trainer, processor, meta, training_args.output_dir)
     logger.info("saved %s", out)
+    end_process_group()  # the last collective: what follows runs on process 0 alone, under no timeout
     if trainer.is_world_process_zero():
         validation = trainer.compute_metrics  # holds the last evaluation's predictions (the model saved)
         save_run_pictures(out, trainer.state.log_history, getattr(validation, "last_predictions", None),
@@ -226,8 +267,3 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Shut the process group down cleanly: gloo threads still running at interpreter exit can
-        # abort a rank ("terminate called without an active exception") after a finished run.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

@@ -11,6 +11,7 @@ import yaml
 
 from qalign_kvq.families import get_family
 from qalign_kvq.training.arguments import parse_args
+from qalign_kvq.training.trainer import deepspeed_optimizer_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
@@ -94,8 +95,21 @@ def test_deepspeed_config_is_valid(path):
     assert ds.is_zero3() == (stage == 3)
     if "offload" in path.name:
         assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    else:
-        assert "optimizer" not in config, "the Trainer's torch AdamW (no compiled DeepSpeed ops)"
+    # the Trainer builds the optimizer, so vision_learning_rate's group is kept (torch AdamW; DeepSpeed's
+    # CPU AdamW where the optimizer is offloaded)
+    assert "optimizer" not in config
+    assert deepspeed_optimizer_problem(config, 1e-5, "adamw_torch_fused") is None
+
+
+def test_deepspeed_settings_that_cannot_be_honoured_are_refused():
+    config = json.loads((ROOT / "ds_configs" / "zero3_offload.json").read_text())
+    with_block = {**config, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+    assert "would train the vision tower at learning_rate" in deepspeed_optimizer_problem(with_block, 1e-5,
+                                                                                       "adamw_torch")
+    assert deepspeed_optimizer_problem(with_block, None, "adamw_torch") is None  # one learning rate: DeepSpeed may build it
+    assert "optim adafactor cannot be honoured" in deepspeed_optimizer_problem(config, None, "adafactor")
+    zero2 = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    assert deepspeed_optimizer_problem(zero2, 1e-5, "adafactor") is None  # not offloaded: the Trainer's optimizer
 
 
 @pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.stem)

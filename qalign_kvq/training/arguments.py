@@ -71,7 +71,11 @@ class DataArguments:
     reverse_prob: float = _f(0.5, "Probability of reversing a training clip in time.")
     question_paraphrases: bool = _f(True, "Sample the question from the paraphrase set (else always the default).")
     check_videos: str = _f("probe", "Before training: 'probe' every video (missing or unreadable rows are "
-                                    "reported), 'exists' (files only) or 'none'.")
+                                    "reported), 'exists' (files only) or 'none'. Under several processes each "
+                                    "looks for every file and probes its share.")
+    check_videos_timeout: float = _f(6 * 3600.0, "Seconds the processes wait for each other's share of "
+                                                 "check_videos (its own timeout, not ddp_timeout): raise it "
+                                                 "for very large sets on slow storage.")
     soft_label_min_std: float = _f(0.2, "Below this std (level units) soft labels split between two adjacent levels.")
 
     def __post_init__(self):
@@ -79,6 +83,8 @@ class DataArguments:
             raise ValueError("train_csv and video_root are required")
         if self.check_videos not in ("probe", "exists", "none"):
             raise ValueError(f"check_videos must be probe, exists or none, not {self.check_videos!r}")
+        if self.check_videos_timeout <= 0:
+            raise ValueError(f"check_videos_timeout must be > 0 seconds, not {self.check_videos_timeout}")
         if not 0 < self.crop_ratio <= 1:
             raise ValueError(f"crop_ratio must be in (0, 1], not {self.crop_ratio}")
         if self.num_frames < 1 or self.eval_num_frames < 1:

@@ -22,11 +22,16 @@ class ClipDataset(torch.utils.data.Dataset):
     by ``(seed, epoch, index)``: the same epoch and index give the same clip, so runs and resumed
     runs see identical data. With ``train=False`` the frames are evenly spaced and the question is
     the first one. Each item carries the clip's ``timing`` (its frames' indices and the video's
-    rate, mirrored for a reversed clip) for the families that read frame times."""
+    rate, mirrored for a reversed clip) for the families that read frame times.
+
+    The epoch and the videos' frame counts and rates live in shared memory, so DataLoader workers
+    (forked once, or kept with ``persistent_workers``) see each new epoch and probe each video once
+    for all workers and epochs; ``probed`` (path -> (frames, fps), e.g. from ``check_videos``) fills
+    the cache ahead."""
 
     def __init__(self, table: datasets.Dataset, num_frames: int = 8, train: bool = True, seed: int = 0,
                  crop_ratio: float = 0.9, reverse_prob: float = 0.5,
-                 questions: Sequence[str] = QUESTIONS):
+                 questions: Sequence[str] = QUESTIONS, probed: dict[str, tuple[int, float]] | None = None):
         self.rows = table.to_list()
         self.num_frames = num_frames
         self.train = train
@@ -34,23 +39,36 @@ class ClipDataset(torch.utils.data.Dataset):
         self.crop_ratio = crop_ratio
         self.reverse_prob = reverse_prob
         self.questions = list(questions) if train else [questions[0] if questions else DEFAULT_QUESTION]
-        self.epoch = 0
-        self._videos: dict[str, tuple[int, float]] = {}
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._path_ids = {path: i for i, path in enumerate(dict.fromkeys(row["path"] for row in self.rows))}
+        known = probed or {}
+        self._frame_counts = torch.tensor([known.get(path, (-1, 0.0))[0] for path in self._path_ids],
+                                          dtype=torch.int64).share_memory_()  # -1: not probed yet
+        self._fps = torch.tensor([known.get(path, (-1, 0.0))[1] for path in self._path_ids],
+                                 dtype=torch.float64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
 
     def _video(self, path: str) -> tuple[int, float]:
         """``(frame count, fps)`` of a video, probed once."""
         from qalign_kvq.video import probe
 
-        if path not in self._videos:
+        slot = self._path_ids[path]
+        count, fps = int(self._frame_counts[slot]), float(self._fps[slot])
+        if count < 0:
             info = probe(path)
-            self._videos[path] = (info.num_frames, info.fps)
-        return self._videos[path]
+            count, fps = info.num_frames, info.fps
+            self._fps[slot] = fps
+            self._frame_counts[slot] = count  # written last: a count >= 0 means both are there
+        return count, fps
 
     def __getitem__(self, index: int) -> dict:
         from qalign_kvq.video import augment_clip_reversed, random_indices, read_frames, uniform_indices

@@ -110,6 +110,26 @@ def _prefix_regex(prefixes: Sequence[str]) -> str:
     return "^(" + "|".join(re.escape(p.rstrip(".")) for p in prefixes) + r")(\..*)?$"
 
 
+def _vision_inputs_require_grad(model, prefixes: Sequence[str]) -> None:
+    """Reentrant checkpointing gives the parameters of a checkpointed block gradients only when an
+    input of the block requires grad. ``enable_input_require_grads`` sees to that for the embeddings
+    that (sub-)models expose with ``get_input_embeddings``; not every vision tower does (mPLUG-Owl2's
+    does not), and its adapters would silently get no gradient. This makes the floating-point inputs
+    (pixels) of each vision module named by ``prefixes`` require grad while gradients are on."""
+
+    def hook(module, args, kwargs):
+        if torch.is_grad_enabled():
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.is_leaf:
+                    value.requires_grad_(True)
+
+    modules = dict(model.named_modules())
+    for prefix in prefixes:
+        module = modules.get(prefix.rstrip("."))
+        if module is not None and not isinstance(module, torch.nn.ModuleList):
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def prepare_model(model, family: Family, method: str = "lora", *, lora_r: int = 16, lora_alpha: int = 32,
                   lora_dropout: float = 0.05, lora_targets: Sequence[str] | str | None = None,
                   freeze_vision: bool = True, freeze_projector: bool | None = None, freeze_language: bool = False,
@@ -148,6 +168,8 @@ def prepare_model(model, family: Family, method: str = "lora", *, lora_r: int = 
         param.requires_grad_(False)
     if gradient_checkpointing:
         model.enable_input_require_grads()
+        if not frozen["vision"]:
+            _vision_inputs_require_grad(model, groups["vision"])
     excluded = [p for g in ("vision", "projector", "language") if frozen[g] or g == "projector" for p in groups[g]]
     save = _existing_modules(model, groups["projector"]) if not frozen["projector"] else []
     targets = lora_targets if lora_targets is not None else family.lora_targets

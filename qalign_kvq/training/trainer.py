@@ -27,19 +27,76 @@ def soft_label_kl(level_logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.kl_div(F.log_softmax(level_logits.float(), dim=-1), targets.float(), reduction="batchmean")
 
 
-def fidelity_rank_loss(level_logits: torch.Tensor, level_scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Thurstone fidelity loss over all in-batch pairs: ``P(i > j) = Phi((s_i - s_j) / sqrt(2))`` with
-    ``s`` the expected level score; target 1, 0 or 0.5 (tie) from the true level scores. 0 without pairs."""
+def _expected_scores(level_logits: torch.Tensor) -> torch.Tensor:
     probs = F.softmax(level_logits.float(), dim=-1)
-    scores = probs @ torch.as_tensor(LEVEL_SCORES, dtype=probs.dtype, device=probs.device)
+    return probs @ torch.as_tensor(LEVEL_SCORES, dtype=probs.dtype, device=probs.device)
+
+
+def _pair_fidelity(scores: torch.Tensor, truth: torch.Tensor, eps: float) -> torch.Tensor:
     n = scores.shape[0]
     if n < 2:
         return scores.sum() * 0.0
     i, j = torch.triu_indices(n, n, offset=1, device=scores.device)
     p = 0.5 * (1 + torch.erf((scores[i] - scores[j]) / 2.0))  # Phi(d / sqrt(2)) = (1 + erf(d / 2)) / 2
-    truth = level_scores.to(scores.device).float()
+    truth = truth.to(scores.device).float()
     target = (torch.sign(truth[i] - truth[j]) + 1) / 2
     return (1 - torch.sqrt(target * p + eps) - torch.sqrt((1 - target) * (1 - p) + eps)).mean()
+
+
+def fidelity_rank_loss(level_logits: torch.Tensor, level_scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Thurstone fidelity loss over all in-batch pairs: ``P(i > j) = Phi((s_i - s_j) / sqrt(2))`` with
+    ``s`` the expected level score; target 1, 0 or 0.5 (tie) from the true level scores. 0 without pairs."""
+    return _pair_fidelity(_expected_scores(level_logits), level_scores, eps)
+
+
+def global_fidelity_rank_loss(level_logits: torch.Tensor, level_scores: torch.Tensor,
+                              eps: float = 1e-8) -> torch.Tensor:
+    """:func:`fidelity_rank_loss` over the pairs of the global micro-batch (every process's clips of
+    this step, in rank order), as one process with the whole batch would compute it. Each process's
+    gradient flows through its own clips and is scaled by the world size, so the average that DDP or
+    DeepSpeed takes is the single-process gradient; the value is the same on every process."""
+    import torch.distributed as dist
+
+    scores = _expected_scores(level_logits)
+    truth = level_scores.to(scores.device).float()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return _pair_fidelity(scores, truth, eps)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([scores.shape[0]], device=scores.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = F.pad(torch.stack([scores.detach(), truth]), (0, max(sizes) - scores.shape[0]))
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    all_scores = torch.cat([scores if r == rank else part[0, :n] for r, (part, n) in enumerate(zip(parts, sizes))])
+    all_truth = torch.cat([part[1, :n] for part, n in zip(parts, sizes)])
+    loss = _pair_fidelity(all_scores, all_truth, eps)
+    return loss + (world - 1) * (loss - loss.detach())
+
+
+#: ``optim`` values DeepSpeed's CPU AdamW stands for where the optimizer is offloaded
+_ADAMW = {"adamw_torch", "adamw_torch_fused"}
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device") in ("cpu", "nvme")
+
+
+def deepspeed_optimizer_problem(ds_config: dict, vision_learning_rate: float | None, optim) -> str | None:
+    """What a DeepSpeed config would silently not honour, or None. Its ``optimizer`` block makes
+    DeepSpeed build the optimizer from every trainable parameter (``create_optimizer`` never runs),
+    so ``vision_learning_rate`` would not apply; without the block, an offloaded optimizer runs
+    DeepSpeed's CPU AdamW (see ``create_optimizer``), which stands only for the AdamW ``optim``s."""
+    if vision_learning_rate is not None and "optimizer" in ds_config:
+        return ("its 'optimizer' block makes DeepSpeed build the optimizer, which would train the vision tower at "
+                "learning_rate, not vision_learning_rate: remove the block (the Trainer then builds the optimizer "
+                "with the vision parameter group, DeepSpeed's CPU AdamW where the optimizer is offloaded)")
+    optim = getattr(optim, "value", optim)
+    if offloads_optimizer(ds_config) and "optimizer" not in ds_config and optim not in _ADAMW:
+        return f"the offloaded optimizer runs DeepSpeed's CPU AdamW: optim {optim} cannot be honoured; use adamw_torch"
+    return None
 
 
 class QualityTrainer(Trainer):
@@ -58,6 +115,7 @@ class QualityTrainer(Trainer):
         self.weights = {"ce": ce_weight, "kl": kl_weight, "rank": rank_weight}
         self.vision_learning_rate = vision_learning_rate
         self.vision_param_filter = vision_param_filter
+        self._check_optimizer_settings()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -73,7 +131,7 @@ class QualityTrainer(Trainer):
             loss = loss + self.weights["ce"] * answer_ce(logits, labels)
         if self.loss_kind == "deqa":
             loss = loss + self.weights["kl"] * soft_label_kl(level_logits, targets["soft_labels"].to(logits.device))
-            loss = loss + self.weights["rank"] * fidelity_rank_loss(level_logits, targets["level_scores"])
+            loss = loss + self.weights["rank"] * global_fidelity_rank_loss(level_logits, targets["level_scores"])
         return (loss, {"level_logits": level_logits.detach()}) if return_outputs else loss
 
     # transformers issue 43701: the Trainer reloads full-weight checkpoints (resume, best model) with
@@ -100,17 +158,38 @@ class QualityTrainer(Trainer):
             return super()._load_best_model()
         self._reload_weights(self.state.best_model_checkpoint, self.model)
 
+    def _optimizer_offloaded(self) -> bool:
+        config = getattr(self.args, "hf_deepspeed_config", None)
+        return bool(self.is_deepspeed_enabled and config is not None and offloads_optimizer(config.config))
+
+    def _check_optimizer_settings(self) -> None:
+        config = getattr(self.args, "hf_deepspeed_config", None)
+        if self.is_deepspeed_enabled and config is not None:
+            problem = deepspeed_optimizer_problem(config.config, self.vision_learning_rate, self.args.optim)
+            if problem:
+                raise ValueError(f"DeepSpeed config {self.args.deepspeed}: {problem}")
+
     def create_optimizer(self, model=None):
-        """The default optimizer, with ``vision_learning_rate`` on the parameters the filter selects."""
-        if self.vision_learning_rate is None or self.vision_param_filter is None or self.optimizer is not None:
+        """The default optimizer, with ``vision_learning_rate`` on the parameters the filter selects;
+        DeepSpeed's CPU AdamW (same groups and hyper-parameters) where DeepSpeed offloads the optimizer."""
+        split = self.vision_learning_rate is not None and self.vision_param_filter is not None
+        offload = self._optimizer_offloaded()
+        if self.optimizer is not None or not (split or offload):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
         groups: dict[tuple[bool, bool], list] = {}
         for name, param in opt_model.named_parameters():
             if param.requires_grad:
-                groups.setdefault((name in decay, self.vision_param_filter(name)), []).append(param)
-        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                groups.setdefault((name in decay, split and self.vision_param_filter(name)), []).append(param)
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer_cls, kwargs = DeepSpeedCPUAdam, {
+                "lr": self.args.learning_rate, "betas": (self.args.adam_beta1, self.args.adam_beta2),
+                "eps": self.args.adam_epsilon, "adamw_mode": True}
+        else:
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         param_groups = []
         for (decays, vision), params in groups.items():
             group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
