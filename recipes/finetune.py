@@ -32,8 +32,10 @@ from qalign_kvq.hub import HubError, MissingTokenError, push_to_hub
 from qalign_kvq.levels import LevelScale
 from qalign_kvq.model_card import write_model_card
 from qalign_kvq.training.arguments import parse_args
+from qalign_kvq.training.batching import GroupedBatchSampler, clip_token_lengths, describe
 from qalign_kvq.training.collator import QualityCollator
 from qalign_kvq.training.dataset import ClipDataset, EpochCallback
+from qalign_kvq.training.ema import EMACallback
 from qalign_kvq.training.model import (
     in_group,
     load_for_training,
@@ -135,6 +137,41 @@ def load_tables(data_args, soft_labels: bool, seed: int):
     return train, val, scale, pairs
 
 
+def check_tricks(train, data_args, method, training_args) -> None:
+    """Refuse, before the model loads, the training options this run cannot honour."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    needs_sources = [name for name, on in (("source_group_size", data_args.source_group_size),
+                                           ("rank_pairs: homologous", method.rank_pairs == "homologous")) if on]
+    if needs_sources and "source" not in train.column_names:
+        raise ValueError(f"{', '.join(needs_sources)} needs a source column in {data_args.train_csv}: write one with "
+                         f"python -m qalign_kvq.sources --annotations {data_args.train_csv} --root "
+                         f"{data_args.video_root} --output <table with sources>")
+    if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+        raise ValueError(f"train_sampling_strategy={training_args.train_sampling_strategy} reads token lengths from "
+                         "the dataset's items, which are undecoded clips here; use group_by_length: true (token counts "
+                         "from the processor) and/or source_group_size")
+    if method.ema_decay is not None and is_deepspeed_zero3_enabled():
+        raise ValueError("ema_decay with DeepSpeed ZeRO-3: each process holds only shards of the weights; use ZeRO-2 "
+                         "(ds_configs/zero2.json) or DDP")
+
+
+def train_batch_sampler(train, data_args, training_args, family, processor) -> GroupedBatchSampler | None:
+    """The grouped batch sampler when ``source_group_size`` or ``group_by_length`` asks for one."""
+    if not (data_args.source_group_size or data_args.group_by_length):
+        return None
+    lengths = (clip_token_lengths(train, family, processor, data_args.num_frames, data_args.crop_ratio)
+               if data_args.group_by_length else None)
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    sampler = GroupedBatchSampler(
+        len(train), training_args.per_device_train_batch_size, seed=seed,
+        sources=train["source"] if data_args.source_group_size else None, group_size=data_args.source_group_size,
+        lengths=lengths, drop_last=training_args.dataloader_drop_last, num_replicas=training_args.world_size,
+        rank=training_args.process_index)
+    logger.info("train batches, epoch 0: %s", describe(sampler))
+    return sampler
+
+
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     """Run a recipe: ``argv`` as on the command line; ``callbacks``: extra ``TrainerCallback``s."""
     model_args, data_args, method, training_fields = parse_args(sys.argv[1:] if argv is None else argv)
@@ -146,6 +183,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     train, val, scale, pairs = load_tables(data_args, soft_labels=method.loss == "deqa", seed=seed)
     has_pairs = bool(pairs and pairs.homologous and pairs.nonhomologous)  # Final needs both
     training_args = training_arguments(training_fields, method, val is not None, has_pairs)
+    check_tricks(train, data_args, method, training_args)
     # Set up the process group now: ZeRO-3 partitions the weights while they load (zero.Init), and
     # needs to know the world size by then.
     logger.info("device %s, process %d of %d", training_args.device, training_args.process_index,
@@ -168,16 +206,26 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     train_ds = ClipDataset(train, data_args.num_frames, train=True, seed=training_args.seed,
                            crop_ratio=data_args.crop_ratio, reverse_prob=data_args.reverse_prob, questions=questions)
     val_ds = ClipDataset(val, data_args.eval_num_frames, train=False) if val is not None else None
+    sampler = train_batch_sampler(train, data_args, training_args, family, processor)
+    resume = training_args.resume_from_checkpoint
+    if resume in ("last", "auto", "true", "True"):
+        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        logger.info("resuming from %s", resume or "scratch (no checkpoint found)")
+    tricks = []
+    if method.ema_decay is not None:
+        tricks.append(EMACallback(method.ema_decay, warmup=method.ema_warmup, on_cpu=method.ema_on_cpu,
+                                  resume_from_checkpoint=resume))
     vision_prefixes = tuple(family.vision_prefixes) + tuple(family.projector_prefixes)
     trainer = QualityTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=QualityCollator(family, processor), processing_class=processor,
         compute_metrics=(make_compute_metrics(val["filename"], val["score"], scale, pairs.homologous,
                                               pairs.nonhomologous) if val is not None else None),
-        callbacks=[EpochCallback(train_ds), *(callbacks or [])],
+        callbacks=[EpochCallback(train_ds, sampler), *(callbacks or []), *tricks],
         level_token_ids=family.level_token_ids(processor.tokenizer), loss=method.loss,
         ce_weight=method.ce_weight, kl_weight=method.kl_weight, rank_weight=method.rank_weight,
-        vision_learning_rate=method.vision_learning_rate,
+        rank_loss=method.rank_loss, rank_pairs=method.rank_pairs, rank_margin=method.rank_margin,
+        train_batch_sampler=sampler, vision_learning_rate=method.vision_learning_rate,
         vision_param_filter=lambda name: in_group(name, vision_prefixes),
     )
 
@@ -187,10 +235,6 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     state = trainer.accelerator.state
     logger.info("distributed: %s, %d processes, deepspeed: %s", state.distributed_type, state.num_processes,
                 trainer.is_deepspeed_enabled)
-    resume = training_args.resume_from_checkpoint
-    if resume in ("last", "auto", "true", "True"):
-        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
-        logger.info("resuming from %s", resume or "scratch (no checkpoint found)")
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = None
@@ -203,7 +247,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
         metrics=metrics, family_options=family_options,
         recipe={"method": method.method, "loss": method.loss, "base": base_model,
                 "train_csv": data_args.train_csv, "epochs": training_args.num_train_epochs,
-                "max_steps": training_args.max_steps, "learning_rate": training_args.learning_rate},
+                "max_steps": training_args.max_steps, "learning_rate": training_args.learning_rate,
+                **{key: value for key, value in (("ema_decay", method.ema_decay), ("rank_pairs", method.rank_pairs),
+                                                 ("source_group_size", data_args.source_group_size))
+                   if value not in (None, 0, "all")}},
     )
     out = save_outputs(trainer, processor, meta, training_args.output_dir)
     logger.info("saved %s", out)

@@ -10,14 +10,14 @@ from qalign_kvq.families.base import Family
 from qalign_kvq.levels import soft_label
 
 #: Keys the collator adds beside the model inputs; the trainer removes them before ``model(**batch)``.
-TARGET_KEYS = ("level_positions", "soft_labels", "level_scores", "mos")
+TARGET_KEYS = ("level_positions", "soft_labels", "level_scores", "mos", "source_ids")
 
 
 class QualityCollator:
     """``collator(examples) -> dict``: the family's ``build_inputs(..., level_words=...,
     padding_side="right")`` batch (``input_ids``, pixels, ``labels``, ...) and ``level_positions``
     (B,), ``soft_labels`` (B, 5; the example's own or a two-level split of its level score),
-    ``level_scores`` (B,) and ``mos`` (B,)."""
+    ``level_scores`` (B,), ``mos`` (B,) and, when the examples have a source, ``source_ids`` (B,)."""
 
     def __init__(self, family: Family, processor):
         self.family = family
@@ -37,4 +37,6 @@ class QualityCollator:
         batch["soft_labels"] = torch.tensor(np.stack(soft), dtype=torch.float32)
         batch["level_scores"] = torch.tensor([ex["level_score"] for ex in examples], dtype=torch.float32)
         batch["mos"] = torch.tensor([ex["mos"] for ex in examples], dtype=torch.float32)
+        if all("source_id" in ex for ex in examples):
+            batch["source_ids"] = torch.tensor([ex["source_id"] for ex in examples], dtype=torch.long)
         return batch

@@ -13,6 +13,10 @@ from transformers import EvalPrediction, Trainer
 
 from qalign_kvq.levels import LEVEL_SCORES, LevelScale, expected_score
 from qalign_kvq.training.collator import TARGET_KEYS
+from qalign_kvq.training.ranking import rank_loss
+
+#: Losses that add the pairwise rank term (``rank_weight`` x ``rank_loss`` over ``rank_pairs``).
+RANKED_LOSSES = ("deqa", "ce_rank")
 
 
 def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -27,35 +31,33 @@ def soft_label_kl(level_logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.kl_div(F.log_softmax(level_logits.float(), dim=-1), targets.float(), reduction="batchmean")
 
 
-def fidelity_rank_loss(level_logits: torch.Tensor, level_scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def fidelity_rank_loss(level_logits: torch.Tensor, level_scores: torch.Tensor) -> torch.Tensor:
     """Thurstone fidelity loss over all in-batch pairs: ``P(i > j) = Phi((s_i - s_j) / sqrt(2))`` with
     ``s`` the expected level score; target 1, 0 or 0.5 (tie) from the true level scores. 0 without pairs."""
-    probs = F.softmax(level_logits.float(), dim=-1)
-    scores = probs @ torch.as_tensor(LEVEL_SCORES, dtype=probs.dtype, device=probs.device)
-    n = scores.shape[0]
-    if n < 2:
-        return scores.sum() * 0.0
-    i, j = torch.triu_indices(n, n, offset=1, device=scores.device)
-    p = 0.5 * (1 + torch.erf((scores[i] - scores[j]) / 2.0))  # Phi(d / sqrt(2)) = (1 + erf(d / 2)) / 2
-    truth = level_scores.to(scores.device).float()
-    target = (torch.sign(truth[i] - truth[j]) + 1) / 2
-    return (1 - torch.sqrt(target * p + eps) - torch.sqrt((1 - target) * (1 - p) + eps)).mean()
+    return rank_loss(level_logits, level_scores, LEVEL_SCORES, kind="fidelity")
 
 
 class QualityTrainer(Trainer):
-    """``Trainer`` whose loss is ``ce_weight * CE(answer)`` (``loss="ce"``), or with ``loss="deqa"``
-    ``ce_weight * CE + kl_weight * KL(soft label) + rank_weight * fidelity``. Evaluation returns the
-    five level logits at the level position as predictions (``label_names=["mos"]``)."""
+    """``Trainer`` whose loss is ``ce_weight * CE(answer)`` (``loss="ce"``), with ``loss="deqa"``
+    ``ce_weight * CE + kl_weight * KL(soft label) + rank_weight * rank``, with ``loss="ce_rank"``
+    ``ce_weight * CE + rank_weight * rank``; ``rank`` is the ``rank_loss`` (fidelity or margin) over
+    the batch's pairs (``rank_pairs="homologous"``: same-source pairs only). Evaluation returns the
+    five level logits at the level position as predictions (``label_names=["mos"]``). A
+    ``train_batch_sampler`` (rank-aware, e.g. :class:`~qalign_kvq.training.batching.GroupedBatchSampler`)
+    replaces the random sampler."""
 
     loss_is_scaled_for_ga = False  # per-batch means: the Trainer divides by the accumulation steps
 
     def __init__(self, *args, level_token_ids: Sequence[int], loss: str = "ce", ce_weight: float = 1.0,
                  kl_weight: float = 1.0, rank_weight: float = 1.0, vision_learning_rate: float | None = None,
-                 vision_param_filter: Callable[[str], bool] | None = None, **kwargs):
+                 vision_param_filter: Callable[[str], bool] | None = None, rank_loss: str = "fidelity",
+                 rank_pairs: str = "all", rank_margin: float = 0.5, train_batch_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.level_token_ids = list(level_token_ids)
         self.loss_kind = loss
         self.weights = {"ce": ce_weight, "kl": kl_weight, "rank": rank_weight}
+        self.rank = {"kind": rank_loss, "pairs": rank_pairs, "margin": rank_margin}
+        self.train_batch_sampler = train_batch_sampler
         self.vision_learning_rate = vision_learning_rate
         self.vision_param_filter = vision_param_filter
 
@@ -73,8 +75,37 @@ class QualityTrainer(Trainer):
             loss = loss + self.weights["ce"] * answer_ce(logits, labels)
         if self.loss_kind == "deqa":
             loss = loss + self.weights["kl"] * soft_label_kl(level_logits, targets["soft_labels"].to(logits.device))
-            loss = loss + self.weights["rank"] * fidelity_rank_loss(level_logits, targets["level_scores"])
+        if self.loss_kind in RANKED_LOSSES:
+            sources = targets["source_ids"] if self.rank["pairs"] == "homologous" else None
+            if self.rank["pairs"] == "homologous" and sources is None:
+                raise ValueError("rank_pairs=homologous needs the source column in the training table")
+            loss = loss + self.weights["rank"] * rank_loss(level_logits, targets["level_scores"], LEVEL_SCORES,
+                                                           self.rank["kind"], self.rank["margin"], sources)
         return (loss, {"level_logits": level_logits.detach()}) if return_outputs else loss
+
+    def get_train_dataloader(self):
+        """The Trainer's dataloader, or with ``train_batch_sampler`` one over its batches; that sampler
+        already yields this process's share, so accelerate's shard wrapper is made a pass-through
+        (as the Trainer does for its own rank-aware ``BatchRebalanceSampler``)."""
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        from functools import partial
+
+        from transformers.trainer_utils import seed_worker
+
+        args = self.args
+        params = {"batch_sampler": self.train_batch_sampler, "collate_fn": self.data_collator,
+                  "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory,
+                  "persistent_workers": args.dataloader_persistent_workers,
+                  "multiprocessing_context": args.dataloader_multiprocessing_context,
+                  "prefetch_factor": args.dataloader_prefetch_factor,
+                  "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers,
+                                            rank=args.process_index)}
+        loader = self.accelerator.prepare(torch.utils.data.DataLoader(self.train_dataset, **params))
+        shard = getattr(loader, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is self.train_batch_sampler:
+            shard.num_processes, shard.process_index = 1, 0
+        return loader
 
     # transformers issue 43701: the Trainer reloads full-weight checkpoints (resume, best model) with
     # ``load_state_dict`` on the saved keys, but ``save_pretrained`` writes VLMs (Qwen-VL, LLaVA, ...)
