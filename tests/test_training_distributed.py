@@ -27,6 +27,9 @@ RUNS = {
     # name: (family, accelerate config, ds config, method, extra flags, expected distributed type)
     "ddp": ("qwen2_5_vl", "cpu_ddp.yaml", None, "full", [], "MULTI_CPU"),
     "zero2": ("qwen2_5_vl", "cpu_zero2.yaml", "zero2.json", "lora", [], "DEEPSPEED"),
+    # the EMA of the adapter (qalign_kvq.training.ema) under ZeRO-2, a checkpoint after each step
+    "zero2_ema": ("qwen2_5_vl", "cpu_zero2.yaml", "zero2.json", "lora", ["--ema_decay", "0.5", "--save_steps", "1"],
+                  "DEEPSPEED"),
     "zero3": ("qwen2_5_vl", "cpu_zero3.yaml", "zero3.json", "full", [], "DEEPSPEED"),
     "zero3_lora_gc": ("qwen2_5_vl", "cpu_zero3.yaml", "zero3.json", "lora", ["--gradient_checkpointing", "true"],
                       "DEEPSPEED"),
@@ -88,9 +91,33 @@ def test_two_process_cpu_training_saves_a_scoring_checkpoint(name, tiny_models, 
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     np.testing.assert_allclose(losses, PINNED[family_name][method][:2], rtol=1e-4)
 
+    if "--ema_decay" in extra:
+        _check_ema(out, float(extra[extra.index("--ema_decay") + 1]))
+
     model, processor, family, meta = load_checkpoint(out)
     clip = read_frames(root / "bikes_c" / "qp30.mp4", uniform_indices(8, 4))
     probs = level_probs(model, family.build_inputs(processor, [clip], meta.question),
                         family.level_token_ids(processor.tokenizer))
     assert probs.shape == (1, 5) and torch.isfinite(probs).all()
     assert float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def _check_ema(out, decay):
+    """The EMA of the two checkpoints follows the formula over the weights DeepSpeed trained: at step 1
+    ``d * w0 + (1 - d) * w1`` (LoRA B starts at 0, so there it is ``(1 - d) * w1``), at step 2
+    ``d * ema1 + (1 - d) * w2``; the output adapter is the step-2 EMA."""
+    from safetensors.torch import load_file
+
+    from qalign_kvq.training.ema import EMA_FILE
+
+    ema1, ema2 = (load_file(str(out / f"checkpoint-{k}" / EMA_FILE)) for k in (1, 2))
+    w1, w2, saved = (load_file(str(d / "adapter_model.safetensors")) for d in
+                     (out / "checkpoint-1", out / "checkpoint-2", out))
+    assert ema1.keys() == ema2.keys() and any("lora_B" in n for n in ema1)
+    for name in ema1:
+        key = name.replace(".default.", ".")
+        if "lora_B" in name:
+            torch.testing.assert_close(ema1[name], (1 - decay) * w1[key], msg=name)
+        torch.testing.assert_close(ema2[name], decay * ema1[name] + (1 - decay) * w2[key], msg=name)
+        torch.testing.assert_close(saved[key], ema2[name], msg=key)
+    assert any(not torch.allclose(w2[n.replace(".default.", ".")], ema2[n], atol=1e-6) for n in ema2)
