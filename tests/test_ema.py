@@ -6,6 +6,7 @@ resumed run reproduces it. ZeRO-3 and checkpoints without an EMA are refused."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -48,15 +49,14 @@ class History(TrainerCallback):
         """The EMA formula over the weights after steps 1..step, from the starting weights."""
         average = {n: t.clone() for n, t in self.steps[0].items()}
         for weights in self.steps[1:step + 1]:
-            for n in average:
-                average[n] = decay * average[n] + (1 - decay) * weights[n]
+            average = {n: decay * avg + (1 - decay) * weights[n] for n, avg in average.items()}
         return average
 
 
 def _close(actual: dict, expected: dict, **tol):
     assert actual.keys() == expected.keys() and actual
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], msg=name, **(tol or {"rtol": 1e-5, "atol": 1e-7}))
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, msg=name, **(tol or {"rtol": 1e-5, "atol": 1e-7}))
 
 
 def _saved_trainable(out, names):
@@ -155,13 +155,10 @@ def test_refusals(tiny_models, quality_set, tmp_path):
     with pytest.raises(ValueError, match="ema_decay must be in"):
         EMACallback(1.0)
 
-    class Args:
-        fsdp = []
-
+    args = SimpleNamespace(fsdp=[])
     linear = torch.nn.Linear(2, 2)
     linear.weight.ds_tensor = torch.zeros(1)  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
     with pytest.raises(EMAError, match="ZeRO-3"):
-        EMACallback(0.9).on_train_begin(Args(), None, None, model=linear)
-    Args.fsdp = ["full_shard"]
+        EMACallback(0.9).on_train_begin(args, None, None, model=linear)
     with pytest.raises(EMAError, match="FSDP"):
-        EMACallback(0.9).on_train_begin(Args(), None, None, model=torch.nn.Linear(2, 2))
+        EMACallback(0.9).on_train_begin(SimpleNamespace(fsdp=["full_shard"]), None, None, model=torch.nn.Linear(2, 2))
