@@ -22,7 +22,6 @@ stop the others. Exit code 0: every fold trained; 1: some failed; 2: usage or ta
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
