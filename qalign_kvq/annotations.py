@@ -2,7 +2,8 @@
 
 Video paths are relative to a video root and may not escape it. :func:`check_videos` finds every
 row whose file is missing or unreadable *before* training starts and reports them all at once.
-:func:`add_levels` assigns the five Q-Align levels with equal-width bins (optionally soft labels).
+:func:`add_levels` assigns the levels (Q-Align's five, or a finer vocabulary) with equal-width bins
+(optionally soft labels).
 """
 
 from __future__ import annotations
@@ -218,20 +219,24 @@ def check_videos(table: datasets.Dataset, source: str = "annotations", readable:
 
 
 def add_levels(table: datasets.Dataset, scale: LevelScale, soft_labels: bool = False,
-               min_std: float = 0.2) -> datasets.Dataset:
-    """Add ``level`` (1 = bad .. 5 = excellent), ``level_word``, ``level_score`` (MOS on the 1..5
-    level axis) and, with ``soft_labels``, ``soft_label`` (5 probabilities ordered like
-    :data:`LEVEL_WORDS`; the std column, scaled to level units, sets the spread)."""
+               min_std: float = 0.2, words: Sequence[str] = LEVEL_WORDS) -> datasets.Dataset:
+    """Add ``level`` (1 = worst .. N = best, N = ``scale.levels``), ``level_word`` (from ``words``,
+    best first), ``level_score`` (MOS on the level-score axis) and, with ``soft_labels``,
+    ``soft_label`` (N probabilities ordered like ``words``; the std column, scaled to level units,
+    sets the spread)."""
+    if len(words) != scale.levels:
+        raise AnnotationError(f"{len(words)} level words for a scale of {scale.levels} levels")
     scores = np.asarray(table["score"], dtype=float)
     levels = scale.level_index(scores)
     level_scores = scale.to_level_score(scores)
     table = table.add_column("level", [int(v) for v in levels])
-    table = table.add_column("level_word", [LEVEL_WORDS[5 - int(v)] for v in levels])
+    table = table.add_column("level_word", [words[scale.levels - int(v)] for v in levels])
     table = table.add_column("level_score", [float(v) for v in level_scores])
     if soft_labels:
         stds = table["std"] if "std" in table.column_names else [None] * len(table)
         labels = [
-            soft_label(float(x), None if s is None else float(s) / scale.width, min_std=min_std).tolist()
+            soft_label(float(x), None if s is None else float(s) / scale.width, min_std=min_std,
+                       scores=scale.scores).tolist()
             for x, s in zip(level_scores, stds)
         ]
         table = table.add_column("soft_label", labels)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qalign_kvq.families.base import ANSWER_PREFIX, DEFAULT_QUESTION
-from qalign_kvq.levels import LEVEL_WORDS, NOMINAL_RANGE, LevelScale
+from qalign_kvq.levels import LEVEL_WORDS, NOMINAL_RANGE, LevelScale, check_vocabulary
 
 META_FILE = "qalign_kvq.json"
 FORMAT_VERSION = 1
@@ -24,6 +24,8 @@ class CheckpointMeta:
     mos_low: float = NOMINAL_RANGE[0]
     mos_high: float = NOMINAL_RANGE[1]
     level_words: list[str] = field(default_factory=lambda: list(LEVEL_WORDS))
+    #: The score of each level word, best first (None: equally spaced from 5 down to 1).
+    level_scores: list[float] | None = None
     question: str = DEFAULT_QUESTION
     answer_prefix: str = ANSWER_PREFIX
     #: Frames per clip and views used when the model was trained (scoring defaults follow them).
@@ -41,9 +43,17 @@ class CheckpointMeta:
     family_options: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        check_vocabulary(self.level_words, self.level_scores)
+
+    @property
+    def scores(self) -> tuple[float, ...]:
+        """The level scores, best first (:func:`qalign_kvq.levels.default_scores` unless stored)."""
+        return tuple(float(v) for v in check_vocabulary(self.level_words, self.level_scores)[1])
+
     @property
     def scale(self) -> LevelScale:
-        return LevelScale(self.mos_low, self.mos_high)
+        return LevelScale(self.mos_low, self.mos_high, self.scores)
 
     @property
     def bin_edges(self) -> list[float]:
@@ -73,7 +83,10 @@ class CheckpointMeta:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown fields {sorted(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

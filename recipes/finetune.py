@@ -29,7 +29,7 @@ from qalign_kvq.annotations import add_levels, balance, check_videos, read_rank_
 from qalign_kvq.checkpoint import CheckpointMeta
 from qalign_kvq.families.base import DEFAULT_QUESTION, QUESTIONS
 from qalign_kvq.hub import HubError, MissingTokenError, push_to_hub
-from qalign_kvq.levels import LevelScale
+from qalign_kvq.levels import LEVEL_WORDS, LevelScale, check_vocabulary
 from qalign_kvq.model_card import write_model_card
 from qalign_kvq.training.arguments import parse_args
 from qalign_kvq.training.batching import GroupedBatchSampler, clip_token_lengths, describe
@@ -120,16 +120,18 @@ def load_tables(data_args, soft_labels: bool, seed: int):
     failure there stops the launch); ``val``/``pairs`` may be None."""
     check = data_args.check_videos != "none" and int(os.environ.get("RANK", "0")) == 0
     train = read_table(data_args.train_csv, data_args.video_root)
-    scale = (LevelScale(data_args.mos_low, data_args.mos_high) if data_args.mos_low is not None
-             else LevelScale.from_scores(train["score"]))
-    train = add_levels(train, scale, soft_labels=soft_labels, min_std=data_args.soft_label_min_std)
+    words, scores = check_vocabulary(data_args.level_words or LEVEL_WORDS, data_args.level_scores)
+    scale = (LevelScale(data_args.mos_low, data_args.mos_high, tuple(scores)) if data_args.mos_low is not None
+             else LevelScale.from_scores(train["score"], scores))
+    train = add_levels(train, scale, soft_labels=soft_labels, min_std=data_args.soft_label_min_std, words=words)
     if check:
         check_videos(train, data_args.train_csv, readable=data_args.check_videos == "probe")
     if data_args.balance_levels:
         train = balance(train, seed=seed)
     val, pairs = None, None
     if data_args.val_csv:
-        val = add_levels(read_table(data_args.val_csv, data_args.val_video_root or data_args.video_root), scale)
+        val = add_levels(read_table(data_args.val_csv, data_args.val_video_root or data_args.video_root), scale,
+                         words=words)
         if check:
             check_videos(val, data_args.val_csv, readable=data_args.check_videos == "probe")
         pairs = read_rank_pairs(data_args.val_pairs_homologous, data_args.val_pairs_nonhomologous,
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     transformers.set_seed(seed)
 
     train, val, scale, pairs = load_tables(data_args, soft_labels=method.loss == "deqa", seed=seed)
+    level_words = list(data_args.level_words or LEVEL_WORDS)
     has_pairs = bool(pairs and pairs.homologous and pairs.nonhomologous)  # Final needs both
     training_args = training_arguments(training_fields, method, val is not None, has_pairs)
     check_tricks(train, data_args, method, training_args)
@@ -218,11 +221,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     vision_prefixes = tuple(family.vision_prefixes) + tuple(family.projector_prefixes)
     trainer = QualityTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=QualityCollator(family, processor), processing_class=processor,
+        data_collator=QualityCollator(family, processor, scale.scores), processing_class=processor,
         compute_metrics=(make_compute_metrics(val["filename"], val["score"], scale, pairs.homologous,
                                               pairs.nonhomologous) if val is not None else None),
         callbacks=[EpochCallback(train_ds, sampler), *(callbacks or []), *tricks],
-        level_token_ids=family.level_token_ids(processor.tokenizer), loss=method.loss,
+        level_token_ids=family.level_token_ids(processor.tokenizer, level_words), level_scores=scale.scores,
+        loss=method.loss,
         ce_weight=method.ce_weight, kl_weight=method.kl_weight, rank_weight=method.rank_weight,
         rank_loss=method.rank_loss, rank_pairs=method.rank_pairs, rank_margin=method.rank_margin,
         train_batch_sampler=sampler, vision_learning_rate=method.vision_learning_rate,
@@ -243,6 +247,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
                    if k.removeprefix("eval_") in ("SROCC", "PLCC", "Rank1", "Rank2", "Final")}
     meta = CheckpointMeta(
         family=family.name, mos_low=scale.low, mos_high=scale.high, question=DEFAULT_QUESTION,
+        level_words=level_words, level_scores=list(scale.scores) if data_args.level_words else None,
         train_frames=data_args.num_frames, base_model=base_model if method.method == "lora" else None,
         metrics=metrics, family_options=family_options,
         recipe={"method": method.method, "loss": method.loss, "base": base_model,

@@ -65,6 +65,11 @@ class DataArguments:
     check_videos: str = _f("probe", "Before training: 'probe' every video (missing or unreadable rows are "
                                     "reported), 'exists' (files only) or 'none'.")
     soft_label_min_std: float = _f(0.2, "Below this std (level units) soft labels split between two adjacent levels.")
+    level_words: list[str] | None = _f(None, "Level vocabulary, best first (default: excellent good fair poor bad); "
+                                             "each word must be one token after the answer prefix. Equal-width MOS "
+                                             "bins, one per word; stored with the checkpoint and used for scoring.")
+    level_scores: list[float] | None = _f(None, "Score of each level word, best first, equally spaced (default: 5 "
+                                                "down to 1 whatever the number of words).")
     source_group_size: int = _f(0, "Homologous batches: put this many versions of one source side by side in a "
                                    "training batch (needs a source column, see python -m qalign_kvq.sources; must "
                                    "divide per_device_train_batch_size; 0: off).")
@@ -83,6 +88,12 @@ class DataArguments:
             raise ValueError("num_frames and eval_num_frames must be >= 1")
         if (self.mos_low is None) != (self.mos_high is None):
             raise ValueError("give both mos_low and mos_high, or neither")
+        if self.level_scores is not None and self.level_words is None:
+            raise ValueError("level_scores needs level_words")
+        if self.level_words is not None:
+            from qalign_kvq.levels import check_vocabulary
+
+            check_vocabulary(self.level_words, self.level_scores)
         if self.source_group_size < 0 or self.source_group_size == 1:
             raise ValueError(f"source_group_size must be 0 (off) or >= 2, not {self.source_group_size}")
 

@@ -27,7 +27,7 @@ def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def soft_label_kl(level_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax over the five level logits), averaged over the batch."""
+    """KL(target || softmax over the level logits), averaged over the batch."""
     return F.kl_div(F.log_softmax(level_logits.float(), dim=-1), targets.float(), reduction="batchmean")
 
 
@@ -51,9 +51,13 @@ class QualityTrainer(Trainer):
     def __init__(self, *args, level_token_ids: Sequence[int], loss: str = "ce", ce_weight: float = 1.0,
                  kl_weight: float = 1.0, rank_weight: float = 1.0, vision_learning_rate: float | None = None,
                  vision_param_filter: Callable[[str], bool] | None = None, rank_loss: str = "fidelity",
-                 rank_pairs: str = "all", rank_margin: float = 0.5, train_batch_sampler=None, **kwargs):
+                 rank_pairs: str = "all", rank_margin: float = 0.5, train_batch_sampler=None,
+                 level_scores: Sequence[float] = tuple(LEVEL_SCORES), **kwargs):
         super().__init__(*args, **kwargs)
         self.level_token_ids = list(level_token_ids)
+        self.level_scores = tuple(float(v) for v in level_scores)
+        if len(self.level_scores) != len(self.level_token_ids):
+            raise ValueError(f"{len(self.level_token_ids)} level tokens but {len(self.level_scores)} level scores")
         self.loss_kind = loss
         self.weights = {"ce": ce_weight, "kl": kl_weight, "rank": rank_weight}
         self.rank = {"kind": rank_loss, "pairs": rank_pairs, "margin": rank_margin}
@@ -79,7 +83,7 @@ class QualityTrainer(Trainer):
             sources = targets["source_ids"] if self.rank["pairs"] == "homologous" else None
             if self.rank["pairs"] == "homologous" and sources is None:
                 raise ValueError("rank_pairs=homologous needs the source column in the training table")
-            loss = loss + self.weights["rank"] * rank_loss(level_logits, targets["level_scores"], LEVEL_SCORES,
+            loss = loss + self.weights["rank"] * rank_loss(level_logits, targets["level_scores"], self.level_scores,
                                                            self.rank["kind"], self.rank["margin"], sources)
         return (loss, {"level_logits": level_logits.detach()}) if return_outputs else loss
 
@@ -154,8 +158,9 @@ class QualityTrainer(Trainer):
 
 def make_compute_metrics(filenames: Sequence[str], truth: Sequence[float], scale: LevelScale,
                          homologous_pairs=None, nonhomologous_pairs=None) -> Callable[[EvalPrediction], dict]:
-    """``compute_metrics`` for the Trainer: level logits of the validation rows (in table order) ->
-    expected score -> MOS scale -> SROCC, PLCC, Rank1, Rank2, Final (those that can be computed)."""
+    """``compute_metrics`` for the Trainer: level logits of the validation rows (in table order, one
+    per level of ``scale``) -> expected score -> MOS scale -> SROCC, PLCC, Rank1, Rank2, Final (those
+    that can be computed)."""
     from qalign_kvq.evaluate import compute_metrics
 
     names = list(filenames)
@@ -163,11 +168,11 @@ def make_compute_metrics(filenames: Sequence[str], truth: Sequence[float], scale
 
     def metrics(prediction: EvalPrediction) -> dict[str, float]:
         logits = np.asarray(prediction.predictions, dtype=np.float64)
-        if logits.shape != (len(names), 5):
-            raise ValueError(f"expected level logits of shape ({len(names)}, 5), got {logits.shape}")
+        if logits.shape != (len(names), scale.levels):
+            raise ValueError(f"expected level logits of shape ({len(names)}, {scale.levels}), got {logits.shape}")
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
-        mos = scale.to_mos(expected_score(probs))
+        mos = scale.to_mos(expected_score(probs, scale.scores))
         result = compute_metrics(dict(zip(names, mos.tolist())), true, homologous_pairs, nonhomologous_pairs)
         return {k: float(v) for k, v in result.items() if v is not None and math.isfinite(v)}
 
