@@ -326,9 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-init-std", type=float, default=None,
                         help="vision tower initializer_range, Qwen families only (default: the config's 0.02; "
                              "0.2 gives the tiny tower blocks that learn, see build_tiny_model)")
+    parser.add_argument("--level-words", nargs="+", default=None,
+                        help="a level vocabulary beyond the five words, each made one token, Qwen families only")
     args = parser.parse_args(argv)
     for family in args.family or FAMILIES:
-        path = build_tiny_model(family, args.out, args.frame_tokens, args.vision_init_std)
+        path = build_tiny_model(family, args.out, args.frame_tokens, args.vision_init_std,
+                                tuple(args.level_words) if args.level_words else None)
         print(f"{family}: {path}")
     return 0
 
