@@ -128,3 +128,12 @@ def test_kfold_needs_sources(quality_set, tmp_path, capsys):
                           str(plain), "--video_root", str(root)])
     assert code == 2 and "plain.csv has no source column: write one with python -m qalign_kvq.sources" in \
         capsys.readouterr().err
+
+
+def test_the_kfold_recipe_command_parses():
+    first = (ROOT / "recipes/configs/kvq_qwen2_5_vl_7b_lora_kfold.yaml").read_text().splitlines()[0]
+    words = shlex.split(first[2:])
+    assert words[:2] == ["python", "recipes/kfold.py"]
+    own, command, recipe = _kfold().split_command(words[2:])
+    assert own == ["--folds", "5", "--include_val"] and command[:2] == ["accelerate", "launch"]
+    assert recipe == ["recipes/configs/kvq_qwen2_5_vl_7b_lora_kfold.yaml"]
