@@ -117,3 +117,27 @@ def test_homologous_options_need_a_source_column(tiny_models, quality_set, tmp_p
                                              "qalign_kvq.sources"):
             load_finetune().main([*argv, *extra])
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_homologous_run_resumes_with_the_same_batches(tiny_models, quality_set, tmp_path):
+    """Stopped mid-way through epoch 1 and resumed: the grouped batches of the resumed epoch are the
+    same as in the uninterrupted run, so the losses match."""
+    root, _ = quality_set
+    table = _write_with_sources(tmp_path / "train.csv", HOMOLOGOUS)
+
+    def run(out, extra=(), stop_at=None):
+        rec = Recorder(stop_at=stop_at)
+        load_finetune().main([TINY_RECIPE, "--model_name_or_path", str(tiny_models("qwen2_5_vl")), "--family",
+                              "qwen2_5_vl", "--train_csv", str(table), "--video_root", str(root), "--val_csv", "",
+                              "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "2",
+                              "--warmup_steps", "0", "--learning_rate", "1e-3", "--logging_steps", "1",
+                              "--save_strategy", "steps", "--save_steps", "5", "--method", "full",
+                              "--source_group_size", "2", "--loss", "ce_rank", "--rank_pairs", "homologous", *extra],
+                             callbacks=[rec])
+        return rec.losses
+
+    whole = run(tmp_path / "whole")
+    first = run(tmp_path / "parts", stop_at=5)
+    rest = run(tmp_path / "parts", extra=["--resume_from_checkpoint", "last"])
+    assert len(whole) == 6 and len(first) == 5 and len(rest) == 1
+    np.testing.assert_allclose(first + rest, whole, rtol=1e-5)

@@ -121,3 +121,31 @@ def _check_ema(out, decay):
         torch.testing.assert_close(ema2[name], decay * ema1[name] + (1 - decay) * w2[key], msg=name)
         torch.testing.assert_close(saved[key], ema2[name], msg=key)
     assert any(not torch.allclose(w2[n.replace(".default.", ".")], ema2[n], atol=1e-6) for n in ema2)
+
+
+def test_two_process_homologous_batches(tiny_models, quality_set, tmp_path):
+    """DDP on 2 CPU processes with source_group_size: the sampler's 4 batches of an epoch are split
+    between the ranks (2 steps each, none repeated or dropped by accelerate's shard wrapper), each a
+    pair of versions of one source that the homologous rank loss sees."""
+    from tests.test_ranking import HOMOLOGOUS, _write_with_sources
+
+    root, _ = quality_set
+    table = _write_with_sources(tmp_path / "train.csv", HOMOLOGOUS)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(_free_port()),
+           str(ROOT / "recipes" / "finetune.py"), TINY_RECIPE, "--model_name_or_path", str(tiny_models("qwen2_5_vl")),
+           "--family", "qwen2_5_vl", "--train_csv", str(table), "--video_root", str(root), "--val_csv", "",
+           "--output_dir", str(out), "--method", "lora", "--num_train_epochs", "2", "--per_device_train_batch_size",
+           "2", "--warmup_steps", "0", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no",
+           "--source_group_size", "2", "--loss", "ce_rank", "--rank_loss", "margin", "--rank_pairs", "homologous",
+           "--use_cpu", "false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert log.count("4 batches of up to 2 over 2 process(es), 4 homologous pairs in batches") == 2
+    losses = [float(x) for x in re.findall(r"'loss': '?([\d.]+)'?", log)]
+    assert len(losses) == 4, log[-3000:]  # 2 epochs x (4 batches / 2 processes) optimizer steps
+    assert (out / "adapter_model.safetensors").is_file()
