@@ -123,3 +123,15 @@ def test_the_default_vocabulary_is_unchanged():
     meta = CheckpointMeta(family="qwen2_5_vl")
     assert meta.level_scores is None and meta.scores == (5.0, 4.0, 3.0, 2.0, 1.0)
     assert meta.scale == LevelScale(1.0, 5.0)
+
+
+def test_the_model_card_describes_the_vocabulary():
+    from qalign_kvq.model_card import card_body
+
+    meta = CheckpointMeta(family="qwen2_5_vl", mos_low=1.0, mos_high=4.6, level_words=list(FINE))
+    body = card_body(meta, "x")
+    assert "softmax over the 9 level words" in body and "split into 9 equal bins" in body
+    assert "The words score 5, 4.5, 4, 3.5, 3, 2.5, 2, 1.5, 1 (best first)" in body
+    assert "| 9 | excellent | (4.2, 4.6] |" in body and "| 1 | terrible | [1, 1.4] |" in body
+    # its formula is the scale's: the centre of the "fair" bin (score 3)
+    assert float(meta.scale.to_mos(3.0)) == pytest.approx(1.0 + ((3 - 1) / 0.5 + 0.5) * 0.4)

@@ -1,7 +1,8 @@
 """Real multi-process fine-tuning on CPU through ``accelerate launch``: 2 processes with DDP, DeepSpeed
 ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload (the shipped ds_configs), each finishing and saving a
 checkpoint that scores a video. The tiny mPLUG-Owl2 (the Q-Align backbone) runs under ZeRO-3 with
-LoRA, the way Q-Align itself was trained.
+LoRA, the way Q-Align itself was trained. A ZeRO-2 run keeps an EMA of the adapter
+(``ema_decay``), and a DDP run batches versions of one source together (``source_group_size``).
 
 With one clip per process the global batch equals the single-process batch of 2 in test_training.py,
 so the logged losses must equal the single-process pinned ones: the data is really split across
