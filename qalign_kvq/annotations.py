@@ -2,7 +2,8 @@
 
 Video paths are relative to a video root and may not escape it. :func:`check_videos` finds every
 row whose file is missing or unreadable *before* training starts and reports them all at once.
-:func:`add_levels` assigns the five Q-Align levels with equal-width bins (optionally soft labels).
+:func:`add_levels` assigns the levels (Q-Align's five, or a finer vocabulary) with equal-width bins
+(optionally soft labels).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from qalign_kvq.levels import LEVEL_WORDS, LevelScale, balanced_indices, soft_la
 FILE_KEYS = ("filename", "video", "path", "file")
 SCORE_KEYS = ("score", "mos")
 STD_KEYS = ("std", "mos_std", "score_std")
+#: The column naming each video's source (``python -m qalign_kvq.sources`` writes it).
+SOURCE_KEYS = ("source",)
 
 
 class AnnotationError(ValueError):
@@ -97,13 +100,27 @@ def _build(rows: list[dict], source: str, video_root: str | os.PathLike, require
     if not any(row["std"] is not None for row in rows):
         for row in rows:
             del row["std"]
+    if all(row["source"] is None for row in rows):
+        for row in rows:
+            del row["source"]
     return datasets.Dataset.from_list(rows)
+
+
+def _source(value, source: str, where: str, present: bool) -> str | None:
+    if not present:
+        return None
+    text = "" if value is None else str(value).strip()
+    if not text:
+        raise AnnotationError(f"{source}: {where}: empty source (a source column needs one on every row; "
+                              "python -m qalign_kvq.sources fills it)")
+    return text
 
 
 def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike,
                    require_scores: bool = True) -> datasets.Dataset:
-    """A KVQ-style CSV (header ``filename,score`` and optionally ``std``) -> Dataset with columns
-    ``filename``, ``score``, [``std``], ``path`` (absolute, inside ``video_root``)."""
+    """A KVQ-style CSV (header ``filename,score`` and optionally ``std`` and ``source``) -> Dataset
+    with columns ``filename``, ``score``, [``std``], [``source``], ``path`` (absolute, inside
+    ``video_root``)."""
     path = Path(path)
     source = str(path)
     try:
@@ -113,6 +130,7 @@ def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike,
             file_key = _pick(FILE_KEYS, header, "filename", source)
             score_key = _pick(SCORE_KEYS, header, "score", source)
             std_key = _pick(STD_KEYS, header, "std", source, required=False)
+            source_key = _pick(SOURCE_KEYS, header, "source", source, required=False)
             rows = []
             for line, record in enumerate(reader, start=2):
                 where = f"line {line}"
@@ -123,6 +141,7 @@ def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike,
                     "filename": name,
                     "score": _number(record.get(score_key), source, where, "score", allow_empty=True),
                     "std": _number(record.get(std_key), source, where, "std", allow_empty=True) if std_key else None,
+                    "source": _source(record.get(source_key), source, where, source_key is not None),
                     "_where": where,
                 })
     except FileNotFoundError:
@@ -132,7 +151,8 @@ def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike,
 
 def read_jsonl_table(path: str | os.PathLike, video_root: str | os.PathLike,
                      require_scores: bool = True) -> datasets.Dataset:
-    """JSON lines, one object per video: ``{"filename"|"video": ..., "score"|"mos": ..., "std": ...}``."""
+    """JSON lines, one object per video: ``{"filename"|"video": ..., "score"|"mos": ..., "std": ...,
+    "source": ...}``."""
     path = Path(path)
     source = str(path)
     rows = []
@@ -153,6 +173,7 @@ def read_jsonl_table(path: str | os.PathLike, video_root: str | os.PathLike,
         file_key = _pick(FILE_KEYS, list(record), "filename", f"{source}: {where}")
         score_key = _pick(SCORE_KEYS, list(record), "score", f"{source}: {where}", required=require_scores)
         std_key = _pick(STD_KEYS, list(record), "std", source, required=False)
+        source_key = _pick(SOURCE_KEYS, list(record), "source", source, required=False)
         name = str(record[file_key]).strip()
         if not name:
             raise AnnotationError(f"{source}: {where}: empty filename")
@@ -160,8 +181,12 @@ def read_jsonl_table(path: str | os.PathLike, video_root: str | os.PathLike,
             "filename": name,
             "score": _number(record.get(score_key), source, where, "score", allow_empty=True) if score_key else None,
             "std": _number(record.get(std_key), source, where, "std", allow_empty=True) if std_key else None,
+            "source": _source(record.get(source_key), source, where, source_key is not None),
             "_where": where,
         })
+    if any(row["source"] is not None for row in rows) and any(row["source"] is None for row in rows):
+        missing = next(row["_where"] for row in rows if row["source"] is None)
+        raise AnnotationError(f"{source}: {missing}: no source (other records have one)")
     return _build(rows, source, video_root, require_scores)
 
 
@@ -241,20 +266,24 @@ def check_videos(table: datasets.Dataset, source: str = "annotations", readable:
 
 
 def add_levels(table: datasets.Dataset, scale: LevelScale, soft_labels: bool = False,
-               min_std: float = 0.2) -> datasets.Dataset:
-    """Add ``level`` (1 = bad .. 5 = excellent), ``level_word``, ``level_score`` (MOS on the 1..5
-    level axis) and, with ``soft_labels``, ``soft_label`` (5 probabilities ordered like
-    :data:`LEVEL_WORDS`; the std column, scaled to level units, sets the spread)."""
+               min_std: float = 0.2, words: Sequence[str] = LEVEL_WORDS) -> datasets.Dataset:
+    """Add ``level`` (1 = worst .. N = best, N = ``scale.levels``), ``level_word`` (from ``words``,
+    best first), ``level_score`` (MOS on the level-score axis) and, with ``soft_labels``,
+    ``soft_label`` (N probabilities ordered like ``words``; the std column, scaled to level units,
+    sets the spread)."""
+    if len(words) != scale.levels:
+        raise AnnotationError(f"{len(words)} level words for a scale of {scale.levels} levels")
     scores = np.asarray(table["score"], dtype=float)
     levels = scale.level_index(scores)
     level_scores = scale.to_level_score(scores)
     table = table.add_column("level", [int(v) for v in levels])
-    table = table.add_column("level_word", [LEVEL_WORDS[5 - int(v)] for v in levels])
+    table = table.add_column("level_word", [words[scale.levels - int(v)] for v in levels])
     table = table.add_column("level_score", [float(v) for v in level_scores])
     if soft_labels:
         stds = table["std"] if "std" in table.column_names else [None] * len(table)
         labels = [
-            soft_label(float(x), None if s is None else float(s) / scale.width, min_std=min_std).tolist()
+            soft_label(float(x), None if s is None else float(s) / scale.width, min_std=min_std,
+                       scores=scale.scores).tolist()
             for x, s in zip(level_scores, stds)
         ]
         table = table.add_column("soft_label", labels)

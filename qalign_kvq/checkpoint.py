@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qalign_kvq.families.base import ANSWER_PREFIX, DEFAULT_QUESTION
-from qalign_kvq.levels import LEVEL_WORDS, NOMINAL_RANGE, LevelScale
+from qalign_kvq.levels import LEVEL_WORDS, NOMINAL_RANGE, LevelScale, check_vocabulary
 
 META_FILE = "qalign_kvq.json"
 #: 2: ``family_options`` hold every option the family was built with (frame budget included),
@@ -25,6 +25,8 @@ class CheckpointMeta:
     mos_low: float = NOMINAL_RANGE[0]
     mos_high: float = NOMINAL_RANGE[1]
     level_words: list[str] = field(default_factory=lambda: list(LEVEL_WORDS))
+    #: The score of each level word, best first (None: equally spaced from 5 down to 1).
+    level_scores: list[float] | None = None
     #: The question and the answer prefix of the prompts, as worded for videos (images say
     #: "image" where these say "video", see ``families.base.for_media``).
     question: str = DEFAULT_QUESTION
@@ -51,9 +53,17 @@ class CheckpointMeta:
     family_options: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        check_vocabulary(self.level_words, self.level_scores)
+
+    @property
+    def scores(self) -> tuple[float, ...]:
+        """The level scores, best first (:func:`qalign_kvq.levels.default_scores` unless stored)."""
+        return tuple(float(v) for v in check_vocabulary(self.level_words, self.level_scores)[1])
+
     @property
     def scale(self) -> LevelScale:
-        return LevelScale(self.mos_low, self.mos_high)
+        return LevelScale(self.mos_low, self.mos_high, self.scores)
 
     @property
     def bin_edges(self) -> list[float]:
@@ -83,7 +93,10 @@ class CheckpointMeta:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown fields {sorted(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

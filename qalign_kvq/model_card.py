@@ -94,11 +94,25 @@ def _level_rows(meta: CheckpointMeta) -> list[str]:
     bounds = [meta.mos_low, *meta.bin_edges, meta.mos_high]
     rows = []
     for i, word in enumerate(meta.level_words):
-        level = len(meta.level_words) - i  # words are best first: 5 .. 1
+        level = len(meta.level_words) - i  # words are best first: N .. 1
         low, high = bounds[level - 1], bounds[level]
         interval = f"[{low:.4g}, {high:.4g}]" if level == 1 else f"({low:.4g}, {high:.4g}]"
         rows.append(f"| {level} | {word} | {interval} |")
     return rows
+
+
+def _count(meta: CheckpointMeta) -> str:
+    return "five" if len(meta.level_words) == 5 else str(len(meta.level_words))
+
+
+def _score_map(meta: CheckpointMeta) -> str:
+    """How a level score maps to the MOS scale (Q-Align's 5..1 scores, or the checkpoint's own)."""
+    low, width, scores = meta.mos_low, meta.scale.width, meta.scores
+    if scores == (5.0, 4.0, 3.0, 2.0, 1.0):
+        return f"A level score s in [1, 5] maps to MOS = {low:.4g} + (s - 0.5) * {width:.4g}."
+    step = (scores[0] - scores[-1]) / (len(scores) - 1)
+    return (f"The words score {', '.join(f'{v:.4g}' for v in scores)} (best first); a level score s maps to "
+            f"MOS = {low:.4g} + ((s - {scores[-1]:.4g}) / {step:.4g} + 0.5) * {width:.4g}.")
 
 
 def _value(value: Any) -> str:
@@ -118,7 +132,7 @@ def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False,
         "",
         f"A video quality scorer made with qalign-kvq the Q-Align way: the "
         f"`{meta.family}` model answers \"{meta.answer_prefix} <level>.\" and its score is the "
-        "expected level under the softmax over the five level words, mapped to the MOS scale.",
+        f"expected level under the softmax over the {_count(meta)} level words, mapped to the MOS scale.",
         "",
         f"- Base model: `{base}`" if base else "- Base model: not recorded",
         f"- Weights: {kind}",
@@ -137,9 +151,8 @@ def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False,
     lines += [
         "## Level mapping",
         "",
-        f"MOS range [{meta.mos_low:.4g}, {meta.mos_high:.4g}] split into five equal bins "
-        f"(inner edges {', '.join(f'{e:.4g}' for e in meta.bin_edges)}). A level score s in [1, 5] maps "
-        f"to MOS = {meta.mos_low:.4g} + (s - 0.5) * {meta.scale.width:.4g}.",
+        f"MOS range [{meta.mos_low:.4g}, {meta.mos_high:.4g}] split into {_count(meta)} equal bins "
+        f"(inner edges {', '.join(f'{e:.4g}' for e in meta.bin_edges)}). {_score_map(meta)}",
         "",
         "| level | word | MOS bin |",
         "|---|---|---|",

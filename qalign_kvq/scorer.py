@@ -84,6 +84,9 @@ class Scorer:
         if weights is not None and len(weights) != len(models):
             raise ValueError(f"{len(weights)} model weights for {len(models)} models")
         self.models = list(models)
+        if len({(tuple(m.meta.level_words), m.meta.scores) for m in self.models}) > 1:
+            raise ValueError("the models have different level vocabularies (level_words in qalign_kvq.json): their "
+                             "level probabilities cannot be averaged; ensemble models trained with the same words")
         self.weights = list(weights) if weights is not None else [1.0] * len(models)
         self.options = options or ViewOptions()
         self.device, self.dtype = torch.device(device), dtype

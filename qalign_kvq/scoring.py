@@ -1,12 +1,13 @@
 """Level probabilities -> scores; scoring protocols; the self-ensemble over the views of one video
 and over models.
 
-A model scores a clip by the softmax over the five level-token logits at the answer position; the
-expected level (:func:`qalign_kvq.levels.expected_score`) is the score in [1, 5]. On the ``mos``
-scale it is mapped to the training MOS scale by the level range stored with the checkpoint, or by
-its calibration (an affine map ``mos = a * score_1_5 + b`` fitted by ``infer --calibrate``); on the
-``levels`` scale the score is the expected level itself. The uncertainty is the std of the level
-distribution, in level units.
+A model scores a clip by the softmax over its level-token logits at the answer position (Q-Align's
+five words, or the checkpoint's own vocabulary); the expected level score
+(:func:`qalign_kvq.levels.expected_score` with the checkpoint's level scores, 5..1 by default) is
+the score in [1, 5]. On the ``mos`` scale it is mapped to the training MOS scale by the level range
+stored with the checkpoint, or by its calibration (an affine map ``mos = a * score_1_5 + b`` fitted
+by ``infer --calibrate``); on the ``levels`` scale the score is the expected level itself. The
+uncertainty is the std of the level distribution, in score units.
 
 A *protocol* (:class:`ViewOptions`, named in :data:`PROTOCOLS`) says which frames and views a video
 is scored on and on which scale:
@@ -136,7 +137,7 @@ def make_views(clip: np.ndarray, options: ViewOptions) -> Views:
 
 @dataclass
 class ViewScores:
-    """A model's level probabilities of views ``(n_views, 5)``, the visual tokens each view cost,
+    """A model's level probabilities of views ``(n_views, n_levels)``, the visual tokens each view cost,
     and the seconds spent in the processor and in the model."""
 
     probs: np.ndarray
@@ -150,8 +151,8 @@ def clip_level_probs(model, processor, family, clips: Sequence[np.ndarray], leve
                      question: str, batch_size: int | None = None, device: torch.device | str = "cpu",
                      dtype: torch.dtype | None = None, timing: ClipTiming | None = None,
                      answer_prefix: str = ANSWER_PREFIX) -> ViewScores:
-    """Level probabilities of clips (views of one video, sharing ``timing``); ``batch_size`` clips
-    per forward (None: all in one)."""
+    """Level probabilities ``(len(clips), len(level_ids))`` of clips (views of one video, sharing
+    ``timing``); ``batch_size`` clips per forward (None: all in one)."""
     import time
 
     step = batch_size or len(clips)
@@ -196,13 +197,16 @@ class ModelScore:
     score: float
     uncertainty: float
     view_probs: np.ndarray = field(repr=False)
+    #: The level scores the probabilities are over (best first).
+    level_scores: tuple[float, ...] = (5.0, 4.0, 3.0, 2.0, 1.0)
 
     @classmethod
     def from_view_probs(cls, view_probs: np.ndarray, weights: np.ndarray, meta: CheckpointMeta,
                         scale: str = "mos") -> ModelScore:
         probs = combine_views(view_probs, weights)
-        s = float(expected_score(probs))
-        return cls(probs, s, float(to_mos(s, meta, scale)), float(score_std(probs)), view_probs)
+        s = float(expected_score(probs, meta.scores))
+        return cls(probs, s, float(to_mos(s, meta, scale)), float(score_std(probs, meta.scores)), view_probs,
+                   meta.scores)
 
 
 def ensemble(scores: Sequence[ModelScore], weights: Sequence[float] | None = None) -> ModelScore:
@@ -212,10 +216,14 @@ def ensemble(scores: Sequence[ModelScore], weights: Sequence[float] | None = Non
     if len(w) != len(scores) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"need one non-negative weight per model ({len(scores)}), not all zero; got {list(w)}")
     w = w / w.sum()
+    if len({s.level_scores for s in scores}) > 1:
+        raise ValueError("the models have different level vocabularies: their level probabilities cannot be "
+                         "averaged; ensemble models trained with the same level words")
     probs = sum(wi * s.probs for wi, s in zip(w, scores))
     return ModelScore(probs=probs, score_1_5=float(sum(wi * s.score_1_5 for wi, s in zip(w, scores))),
                       score=float(sum(wi * s.score for wi, s in zip(w, scores))),
-                      uncertainty=float(score_std(probs)), view_probs=np.stack([s.probs for s in scores]))
+                      uncertainty=float(score_std(probs, scores[0].level_scores)),
+                      view_probs=np.stack([s.probs for s in scores]), level_scores=scores[0].level_scores)
 
 
 def probs_by_word(probs: np.ndarray, words: Sequence[str] = LEVEL_WORDS) -> dict[str, float]:

@@ -35,12 +35,14 @@ from qalign_kvq.checkpoint import CheckpointMeta
 from qalign_kvq.distributed import broadcast, end_process_group
 from qalign_kvq.families.base import DEFAULT_QUESTION, QUESTIONS
 from qalign_kvq.hub import HubError, MissingTokenError, push_to_hub
-from qalign_kvq.levels import LevelScale
+from qalign_kvq.levels import LEVEL_WORDS, LevelScale, check_vocabulary
 from qalign_kvq.model_card import write_model_card
 from qalign_kvq.plots import save_run_pictures
 from qalign_kvq.training.arguments import parse_args
+from qalign_kvq.training.batching import GroupedBatchSampler, clip_token_lengths, describe
 from qalign_kvq.training.collator import QualityCollator
 from qalign_kvq.training.dataset import ClipDataset, EpochCallback
+from qalign_kvq.training.ema import EMACallback
 from qalign_kvq.training.model import (
     in_group,
     load_for_training,
@@ -144,14 +146,16 @@ def load_tables(data_args, soft_labels: bool, seed: int):
     """``(train, val, scale, pairs)``: annotation tables with levels (the bins from the training MOS
     range unless given); ``val``/``pairs`` may be None. The videos are checked by :func:`check_tables`."""
     train = read_table(data_args.train_csv, data_args.video_root)
-    scale = (LevelScale(data_args.mos_low, data_args.mos_high) if data_args.mos_low is not None
-             else LevelScale.from_scores(train["score"]))
-    train = add_levels(train, scale, soft_labels=soft_labels, min_std=data_args.soft_label_min_std)
+    words, scores = check_vocabulary(data_args.level_words or LEVEL_WORDS, data_args.level_scores)
+    scale = (LevelScale(data_args.mos_low, data_args.mos_high, tuple(scores)) if data_args.mos_low is not None
+             else LevelScale.from_scores(train["score"], scores))
+    train = add_levels(train, scale, soft_labels=soft_labels, min_std=data_args.soft_label_min_std, words=words)
     if data_args.balance_levels:
         train = balance(train, seed=seed)
     val, pairs = None, None
     if data_args.val_csv:
-        val = add_levels(read_table(data_args.val_csv, data_args.val_video_root or data_args.video_root), scale)
+        val = add_levels(read_table(data_args.val_csv, data_args.val_video_root or data_args.video_root), scale,
+                         words=words)
         pairs = read_rank_pairs(data_args.val_pairs_homologous, data_args.val_pairs_nonhomologous,
                                 data_args.val_pairs_xlsx, known=val["filename"])
     return train, val, scale, pairs
@@ -167,6 +171,39 @@ def check_tables(data_args, train, val) -> dict[str, tuple[int, float]]:
     if val is not None:
         counts.update(check_videos(val, data_args.val_csv, readable=readable, timeout=data_args.check_videos_timeout))
     return counts
+def check_tricks(train, data_args, method, training_args) -> None:
+    """Refuse, before the model loads, the training options this run cannot honour."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    needs_sources = [name for name, on in (("source_group_size", data_args.source_group_size),
+                                           ("rank_pairs: homologous", method.rank_pairs == "homologous")) if on]
+    if needs_sources and "source" not in train.column_names:
+        raise ValueError(f"{', '.join(needs_sources)} needs a source column in {data_args.train_csv}: write one with "
+                         f"python -m qalign_kvq.sources --annotations {data_args.train_csv} --root "
+                         f"{data_args.video_root} --output <table with sources>")
+    if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+        raise ValueError(f"train_sampling_strategy={training_args.train_sampling_strategy} reads token lengths from "
+                         "the dataset's items, which are undecoded clips here; use group_by_length: true (token counts "
+                         "from the processor) and/or source_group_size")
+    if method.ema_decay is not None and is_deepspeed_zero3_enabled():
+        raise ValueError("ema_decay with DeepSpeed ZeRO-3: each process holds only shards of the weights; use ZeRO-2 "
+                         "(ds_configs/zero2.json) or DDP")
+
+
+def train_batch_sampler(train, data_args, training_args, family, processor) -> GroupedBatchSampler | None:
+    """The grouped batch sampler when ``source_group_size`` or ``group_by_length`` asks for one."""
+    if not (data_args.source_group_size or data_args.group_by_length):
+        return None
+    lengths = (clip_token_lengths(train, family, processor, data_args.num_frames, data_args.crop_ratio)
+               if data_args.group_by_length else None)
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    sampler = GroupedBatchSampler(
+        len(train), training_args.per_device_train_batch_size, seed=seed,
+        sources=train["source"] if data_args.source_group_size else None, group_size=data_args.source_group_size,
+        lengths=lengths, drop_last=training_args.dataloader_drop_last, num_replicas=training_args.world_size,
+        rank=training_args.process_index)
+    logger.info("train batches, epoch 0: %s", describe(sampler))
+    return sampler
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
@@ -178,8 +215,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     transformers.set_seed(seed)
 
     train, val, scale, pairs = load_tables(data_args, soft_labels=method.loss == "deqa", seed=seed)
+    level_words = list(data_args.level_words or LEVEL_WORDS)
     has_pairs = bool(pairs and pairs.homologous and pairs.nonhomologous)  # Final needs both
     training_args = training_arguments(training_fields, method, val is not None, has_pairs)
+    check_tricks(train, data_args, method, training_args)
     # Set up the process group now: ZeRO-3 partitions the weights while they load (zero.Init), and
     # needs to know the world size by then; the video check is shared out over it.
     logger.info("device %s, process %d of %d", training_args.device, training_args.process_index,
@@ -196,7 +235,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     loaded = load_for_training(model_args.model_name_or_path, model_args.family, dtype=dtype,
                                family_options=model_args.family_options, **load_kwargs)
     processor, family = loaded.processor, loaded.family
-    level_ids = family.check_level_tokens(processor)
+    level_ids = family.check_level_tokens(processor, level_words)
     logger.info("family %s %s, level token ids %s", family.name, family.options(), level_ids)
     model = prepare_model(loaded.model, family, method.method, lora_r=method.lora_r, lora_alpha=method.lora_alpha,
                           lora_dropout=method.lora_dropout, lora_targets=method.lora_target_modules,
@@ -211,16 +250,27 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
                            probed=probed)
     val_ds = (ClipDataset(val, data_args.eval_num_frames, train=False, probed=probed)
               if val is not None else None)
+    sampler = train_batch_sampler(train, data_args, training_args, family, processor)
+    resume = training_args.resume_from_checkpoint
+    if resume in ("last", "auto", "true", "True"):  # process 0 picks, so that all resume the same one
+        resume = broadcast(last_complete_checkpoint(training_args.output_dir, training_args.save_only_model)
+                           if training_args.process_index == 0 else None)
+        logger.info("resuming from %s", resume or "scratch (no complete checkpoint found)")
+    tricks = []
+    if method.ema_decay is not None:
+        tricks.append(EMACallback(method.ema_decay, warmup=method.ema_warmup, on_cpu=method.ema_on_cpu,
+                                  resume_from_checkpoint=resume))
     vision_prefixes = tuple(family.vision_prefixes) + tuple(family.projector_prefixes)
     trainer = QualityTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=QualityCollator(family, processor), processing_class=processor,
+        data_collator=QualityCollator(family, processor, scale.scores), processing_class=processor,
         compute_metrics=(make_compute_metrics(val["filename"], val["score"], scale, pairs.homologous,
                                               pairs.nonhomologous) if val is not None else None),
-        callbacks=[EpochCallback(train_ds), *(callbacks or [])],
-        level_token_ids=level_ids, loss=method.loss,
+        callbacks=[EpochCallback(train_ds, sampler), *(callbacks or []), *tricks],
+        level_token_ids=level_ids, level_scores=scale.scores, loss=method.loss,
         ce_weight=method.ce_weight, kl_weight=method.kl_weight, rank_weight=method.rank_weight,
-        vision_learning_rate=method.vision_learning_rate,
+        rank_loss=method.rank_loss, rank_pairs=method.rank_pairs, rank_margin=method.rank_margin,
+        train_batch_sampler=sampler, vision_learning_rate=method.vision_learning_rate,
         vision_param_filter=lambda name: in_group(name, vision_prefixes),
     )
 
@@ -230,11 +280,6 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     state = trainer.accelerator.state
     logger.info("distributed: %s, %d processes, deepspeed: %s", state.distributed_type, state.num_processes,
                 trainer.is_deepspeed_enabled)
-    resume = training_args.resume_from_checkpoint
-    if resume in ("last", "auto", "true", "True"):  # process 0 picks, so that all resume the same one
-        resume = broadcast(last_complete_checkpoint(training_args.output_dir, training_args.save_only_model)
-                           if trainer.is_world_process_zero() else None)
-        logger.info("resuming from %s", resume or "scratch (no complete checkpoint found)")
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = None
@@ -244,12 +289,16 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     lora = method.method == "lora"
     meta = CheckpointMeta(
         family=family.name, mos_low=scale.low, mos_high=scale.high, question=DEFAULT_QUESTION,
+        level_words=level_words, level_scores=list(scale.scores) if data_args.level_words else None,
         train_frames=data_args.num_frames, base_model=loaded.base_model if lora else None,
         base_revision=loaded.base_revision if lora else None, protocol=model_args.scoring_protocol,
         metrics=metrics, family_options=family.options(),
         recipe={"method": method.method, "loss": method.loss, "base": loaded.base_model,
                 "train_csv": data_args.train_csv, "epochs": training_args.num_train_epochs,
-                "max_steps": training_args.max_steps, "learning_rate": training_args.learning_rate},
+                "max_steps": training_args.max_steps, "learning_rate": training_args.learning_rate,
+                **{key: value for key, value in (("ema_decay", method.ema_decay), ("rank_pairs", method.rank_pairs),
+                                                 ("source_group_size", data_args.source_group_size))
+                   if value not in (None, 0, "all")}},
     )
     out = save_outputs(trainer, processor, meta, training_args.output_dir)
     logger.info("saved %s", out)

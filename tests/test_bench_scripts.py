@@ -84,3 +84,19 @@ def test_bench_training_input_reports_per_stage_rates(tmp_path):
     assert result["tokens_per_sample"] > 1000
     assert sorted(p.name for p in work.glob("*.mp4")) == ["sandwich_5s_720x1280_h264.mp4"]  # only its own clip
     assert "per worker: read+augment" in run.stdout
+
+
+def test_bench_padding_measures_the_padding_of_each_batching(tmp_path):
+    out = tmp_path / "padding.json"
+    _run(["scripts/bench_padding.py", "--sources", "4", "--frames", "4", "--batch-size", "2", "--work",
+          str(tmp_path / "work"), "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"shuffle", "group_by_length", "source_group_size", "both"}
+    assert report["rows"] == 14 and len(report["distinct_lengths"]) >= 2  # full-size and down-scaled versions
+    for r in results.values():
+        assert 0 <= r["predicted_padding_share"] <= r["padding_share"] < 1 and r["batches"] == 7
+    # one-length batches (all but the left-overs of each length) cut the padding
+    assert results["group_by_length"]["padding_share"] < results["shuffle"]["padding_share"]
+    assert results["group_by_length"]["predicted_padding_share"] < results["shuffle"]["predicted_padding_share"]
+    assert results["source_group_size"]["homologous_pairs"] >= 6 > results["shuffle"]["homologous_pairs"]

@@ -24,7 +24,9 @@ def test_the_required_recipes_are_shipped():
     for needed in ("tiny_cpu", "kvq_onealign_lora", "kvq_qwen2_5_vl_7b_lora", "kvq_qwen2_5_vl_7b_full",
                    "kvq_qwen2_5_vl_3b_lora", "kvq_qwen2_5_vl_3b_full", "kvq_qwen3_vl_8b_lora", "kvq_qwen3_vl_8b_full",
                    "kvq_llava_onevision_7b_lora", "kvq_llava_onevision_7b_full", "kvq_internvl3_8b_lora",
-                   "kvq_internvl3_8b_full", "kvq_onealign_lora_stage1_ugc", "kvq_onealign_lora_stage2_kvq"):
+                   "kvq_internvl3_8b_full", "kvq_onealign_lora_stage1_ugc", "kvq_onealign_lora_stage2_kvq",
+                   "kvq_qwen2_5_vl_7b_lora_ema", "kvq_qwen2_5_vl_7b_lora_homologous", "kvq_qwen2_5_vl_7b_lora_kfold",
+                   "kvq_qwen2_5_vl_7b_lora_levels9"):
         assert needed in names
     assert {p.name for p in DS_CONFIGS} >= {"zero2.json", "zero3.json", "zero3_offload.json"}
 
@@ -32,7 +34,8 @@ def test_the_required_recipes_are_shipped():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_yaml_is_valid(path, monkeypatch):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# accelerate launch ") and first.endswith(
+    launch = first.split(" -- ", 1)[1] if first.startswith("# python recipes/kfold.py ") else first[2:]
+    assert first.startswith("# ") and launch.startswith("accelerate launch ") and first.endswith(
         f"recipes/finetune.py recipes/configs/{path.name}"), "each recipe opens with the command that runs it"
     overrides = [] if torch.cuda.is_available() else ["--bf16", "false"]  # bf16 needs a GPU to validate
     model, data, method, training = parse_args([str(path), *overrides])
@@ -71,6 +74,30 @@ def test_onealign_recipes_train_on_q_aligns_conversation(name):
 def test_qwen_recipes_state_the_frame_budget(name, budget):
     model, *_ = parse_args([str(ROOT / f"recipes/configs/{name}.yaml"), "--bf16", "false"])
     assert model.family_options["frame_pixels"] == budget and model.scoring_protocol == "kvq"
+def test_trick_recipes_switch_their_trick_on():
+    """One recipe per KVQ training trick (README: "Training tricks"), each the 7B LoRA recipe plus it."""
+    from qalign_kvq.levels import check_vocabulary
+
+    def parsed(name):
+        return parse_args([str(ROOT / f"recipes/configs/{name}.yaml"), "--bf16", "false"])
+
+    _, _, base, base_training = parsed("kvq_qwen2_5_vl_7b_lora")
+    _, _, method, training = parsed("kvq_qwen2_5_vl_7b_lora_ema")
+    assert method.ema_decay == 0.99 and method.ema_warmup and base.ema_decay is None
+    assert "zero3" not in training["deepspeed"], "the EMA refuses ZeRO-3"
+    _, data, method, training = parsed("kvq_qwen2_5_vl_7b_lora_homologous")
+    assert (method.loss, method.rank_pairs, data.source_group_size) == ("ce_rank", "homologous", 2)
+    assert training["per_device_train_batch_size"] % data.source_group_size == 0
+    assert data.train_csv.endswith("_sources.csv")
+    assert (training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] ==
+            base_training["per_device_train_batch_size"] * base_training["gradient_accumulation_steps"])
+    _, data, _, _ = parsed("kvq_qwen2_5_vl_7b_lora_kfold")
+    assert data.train_csv.endswith("_sources.csv") and data.val_csv.endswith("_sources.csv")
+    first = (ROOT / "recipes/configs/kvq_qwen2_5_vl_7b_lora_kfold.yaml").read_text().splitlines()[0]
+    assert first.startswith("# python recipes/kfold.py --folds 5 --include_val -- accelerate launch ")
+    _, data, _, _ = parsed("kvq_qwen2_5_vl_7b_lora_levels9")
+    words, scores = check_vocabulary(data.level_words, data.level_scores)
+    assert len(words) == 9 and scores.tolist() == [5, 4.5, 4, 3.5, 3, 2.5, 2, 1.5, 1]
 
 
 def test_two_stage_recipe_continues_stage_one():

@@ -77,6 +77,17 @@ class DataArguments:
                                                  "check_videos (its own timeout, not ddp_timeout): raise it "
                                                  "for very large sets on slow storage.")
     soft_label_min_std: float = _f(0.2, "Below this std (level units) soft labels split between two adjacent levels.")
+    level_words: list[str] | None = _f(None, "Level vocabulary, best first (default: excellent good fair poor bad); "
+                                             "each word must be one token after the answer prefix. Equal-width MOS "
+                                             "bins, one per word; stored with the checkpoint and used for scoring.")
+    level_scores: list[float] | None = _f(None, "Score of each level word, best first, equally spaced (default: 5 "
+                                                "down to 1 whatever the number of words).")
+    source_group_size: int = _f(0, "Homologous batches: put this many versions of one source side by side in a "
+                                   "training batch (needs a source column, see python -m qalign_kvq.sources; must "
+                                   "divide per_device_train_batch_size; 0: off).")
+    group_by_length: bool = _f(False, "Batch clips of one token length (from the processor's count for each video's "
+                                      "size) together, so batches carry almost no padding; logs the padding share. "
+                                      "Composes with source_group_size.")
 
     def __post_init__(self):
         if not self.train_csv or not self.video_root:
@@ -91,6 +102,14 @@ class DataArguments:
             raise ValueError("num_frames and eval_num_frames must be >= 1")
         if (self.mos_low is None) != (self.mos_high is None):
             raise ValueError("give both mos_low and mos_high, or neither")
+        if self.level_scores is not None and self.level_words is None:
+            raise ValueError("level_scores needs level_words")
+        if self.level_words is not None:
+            from qalign_kvq.levels import check_vocabulary
+
+            check_vocabulary(self.level_words, self.level_scores)
+        if self.source_group_size < 0 or self.source_group_size == 1:
+            raise ValueError(f"source_group_size must be 0 (off) or >= 2, not {self.source_group_size}")
 
 
 @dataclass
@@ -107,18 +126,39 @@ class MethodArguments:
     vision_learning_rate: float | None = _f(None, "Learning rate of the vision tower and projector (default: "
                                                   "learning_rate).")
     loss: str = _f("ce", "ce: cross-entropy on the answer tokens (Q-Align); deqa: soft-label KL at the level "
-                         "position + fidelity rank loss on in-batch pairs + weighted CE (DeQA-Score).")
+                         "position + rank loss on in-batch pairs + weighted CE (DeQA-Score); ce_rank: CE + rank "
+                         "loss (the KVQ teams' rank losses on top of Q-Align).")
     ce_weight: float = _f(1.0, "Weight of the answer cross-entropy (DeQA uses 0.05).")
     kl_weight: float = _f(1.0, "Weight of the soft-label KL (deqa loss).")
-    rank_weight: float = _f(1.0, "Weight of the fidelity rank loss (deqa loss).")
+    rank_weight: float = _f(1.0, "Weight of the rank loss (deqa and ce_rank losses).")
+    rank_loss: str = _f("fidelity", "Rank loss on the expected level scores of pairs: fidelity (Thurstone, "
+                                    "DeQA-Score) or margin (max(0, rank_margin - ordered score gap)).")
+    rank_pairs: str = _f("all", "Pairs the rank loss sees: all in-batch pairs, or homologous (same source; needs "
+                                "the source column, best with source_group_size).")
+    rank_margin: float = _f(0.5, "Margin of the margin rank loss, in level-score units.")
+    ema_decay: float | None = _f(None, "Keep an exponential moving average of the trainable weights with this decay "
+                                       "(e.g. 0.99); evaluation, best-checkpoint selection and the saved model use it.")
+    ema_warmup: bool = _f(False, "EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t: early updates move the "
+                                 "average faster.")
+    ema_on_cpu: bool = _f(False, "Keep the EMA copy in CPU memory (full fine-tuning of large models).")
 
     def __post_init__(self):
+        from qalign_kvq.training.ranking import RANK_LOSSES, RANK_PAIRS
+
         if self.method not in ("lora", "full"):
             raise ValueError(f"method must be lora or full, not {self.method!r}")
-        if self.loss not in ("ce", "deqa"):
-            raise ValueError(f"loss must be ce or deqa, not {self.loss!r}")
+        if self.loss not in ("ce", "deqa", "ce_rank"):
+            raise ValueError(f"loss must be ce, deqa or ce_rank, not {self.loss!r}")
         if min(self.ce_weight, self.kl_weight, self.rank_weight) < 0:
             raise ValueError("loss weights must be >= 0")
+        if self.rank_loss not in RANK_LOSSES:
+            raise ValueError(f"rank_loss must be one of {', '.join(RANK_LOSSES)}, not {self.rank_loss!r}")
+        if self.rank_pairs not in RANK_PAIRS:
+            raise ValueError(f"rank_pairs must be one of {', '.join(RANK_PAIRS)}, not {self.rank_pairs!r}")
+        if self.rank_margin < 0:
+            raise ValueError(f"rank_margin must be >= 0, not {self.rank_margin}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), not {self.ema_decay}")
 
 
 def config_to_argv(config: dict) -> list[str]:

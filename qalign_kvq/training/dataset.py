@@ -15,7 +15,8 @@ from qalign_kvq.families.base import DEFAULT_QUESTION, QUESTIONS, ClipTiming
 
 class ClipDataset(torch.utils.data.Dataset):
     """Rows of an annotation table (columns ``path``, ``filename``, ``level_word``, ``level_score``,
-    ``score`` and optionally ``soft_label``) as clip examples.
+    ``score`` and optionally ``soft_label`` and ``source``) as clip examples (a source becomes an
+    integer ``source_id``, numbered in sorted order).
 
     With ``train=True`` each item draws ``num_frames`` random frames, one crop of ``crop_ratio``
     shared by every frame, a random reverse and a question paraphrase, all from a generator seeded
@@ -39,6 +40,8 @@ class ClipDataset(torch.utils.data.Dataset):
         self.crop_ratio = crop_ratio
         self.reverse_prob = reverse_prob
         self.questions = list(questions) if train else [questions[0] if questions else DEFAULT_QUESTION]
+        sources = sorted({row["source"] for row in self.rows}) if "source" in table.column_names else []
+        self.source_ids = {name: i for i, name in enumerate(sources)}
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._path_ids = {path: i for i, path in enumerate(dict.fromkeys(row["path"] for row in self.rows))}
         known = probed or {}
@@ -98,17 +101,24 @@ class ClipDataset(torch.utils.data.Dataset):
             "index": index,
             "timing": timing,
         }
+        if self.source_ids:
+            item["source_id"] = self.source_ids[row["source"]]
         if "soft_label" in row:
             item["soft_label"] = np.asarray(row["soft_label"], dtype=np.float32)
         return item
 
 
 class EpochCallback(TrainerCallback):
-    """Tells a :class:`ClipDataset` which epoch begins (also after resuming mid-epoch), so that the
-    augmentation draws depend on the epoch and not on how many items a process has read."""
+    """Tells a :class:`ClipDataset` (and a batch sampler with ``set_epoch``) which epoch begins, also
+    after resuming mid-epoch, so that the augmentation draws and the batches depend on the epoch and
+    not on how many items a process has read."""
 
-    def __init__(self, dataset: ClipDataset):
+    def __init__(self, dataset: ClipDataset, sampler=None):
         self.dataset = dataset
+        self.sampler = sampler
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(int(np.floor((state.epoch or 0.0) + 1e-6)))
+        epoch = int(np.floor((state.epoch or 0.0) + 1e-6))
+        self.dataset.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)

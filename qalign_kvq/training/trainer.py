@@ -13,6 +13,10 @@ from transformers import EvalPrediction, Trainer
 
 from qalign_kvq.levels import LEVEL_SCORES, LevelScale, expected_score
 from qalign_kvq.training.collator import TARGET_KEYS
+from qalign_kvq.training.ranking import rank_loss
+
+#: Losses that add the pairwise rank term (``rank_weight`` x ``rank_loss`` over ``rank_pairs``).
+RANKED_LOSSES = ("deqa", "ce_rank")
 
 
 def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -23,56 +27,21 @@ def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def soft_label_kl(level_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax over the five level logits), averaged over the batch."""
+    """KL(target || softmax over the level logits), averaged over the batch."""
     return F.kl_div(F.log_softmax(level_logits.float(), dim=-1), targets.float(), reduction="batchmean")
 
 
-def _expected_scores(level_logits: torch.Tensor) -> torch.Tensor:
-    probs = F.softmax(level_logits.float(), dim=-1)
-    return probs @ torch.as_tensor(LEVEL_SCORES, dtype=probs.dtype, device=probs.device)
-
-
-def _pair_fidelity(scores: torch.Tensor, truth: torch.Tensor, eps: float) -> torch.Tensor:
-    n = scores.shape[0]
-    if n < 2:
-        return scores.sum() * 0.0
-    i, j = torch.triu_indices(n, n, offset=1, device=scores.device)
-    p = 0.5 * (1 + torch.erf((scores[i] - scores[j]) / 2.0))  # Phi(d / sqrt(2)) = (1 + erf(d / 2)) / 2
-    truth = truth.to(scores.device).float()
-    target = (torch.sign(truth[i] - truth[j]) + 1) / 2
-    return (1 - torch.sqrt(target * p + eps) - torch.sqrt((1 - target) * (1 - p) + eps)).mean()
-
-
-def fidelity_rank_loss(level_logits: torch.Tensor, level_scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def fidelity_rank_loss(level_logits: torch.Tensor, level_scores: torch.Tensor) -> torch.Tensor:
     """Thurstone fidelity loss over all in-batch pairs: ``P(i > j) = Phi((s_i - s_j) / sqrt(2))`` with
-    ``s`` the expected level score; target 1, 0 or 0.5 (tie) from the true level scores. 0 without pairs."""
-    return _pair_fidelity(_expected_scores(level_logits), level_scores, eps)
+    ``s`` the expected level score; target 1, 0 or 0.5 (tie) from the true level scores. 0 without
+    pairs. These rows only (the training loss pairs across processes, see ``rank_loss``)."""
+    return rank_loss(level_logits, level_scores, LEVEL_SCORES, kind="fidelity", across_processes=False)
 
 
-def global_fidelity_rank_loss(level_logits: torch.Tensor, level_scores: torch.Tensor,
-                              eps: float = 1e-8) -> torch.Tensor:
+def global_fidelity_rank_loss(level_logits: torch.Tensor, level_scores: torch.Tensor) -> torch.Tensor:
     """:func:`fidelity_rank_loss` over the pairs of the global micro-batch (every process's clips of
-    this step, in rank order), as one process with the whole batch would compute it. Each process's
-    gradient flows through its own clips and is scaled by the world size, so the average that DDP or
-    DeepSpeed takes is the single-process gradient; the value is the same on every process."""
-    import torch.distributed as dist
-
-    scores = _expected_scores(level_logits)
-    truth = level_scores.to(scores.device).float()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return _pair_fidelity(scores, truth, eps)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    size = torch.tensor([scores.shape[0]], device=scores.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
-    padded = F.pad(torch.stack([scores.detach(), truth]), (0, max(sizes) - scores.shape[0]))
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    all_scores = torch.cat([scores if r == rank else part[0, :n] for r, (part, n) in enumerate(zip(parts, sizes))])
-    all_truth = torch.cat([part[1, :n] for part, n in zip(parts, sizes)])
-    loss = _pair_fidelity(all_scores, all_truth, eps)
-    return loss + (world - 1) * (loss - loss.detach())
+    this step), as one process with the whole batch would compute it."""
+    return rank_loss(level_logits, level_scores, LEVEL_SCORES, kind="fidelity")
 
 
 #: ``optim`` values DeepSpeed's CPU AdamW stands for where the optimizer is offloaded
@@ -100,19 +69,30 @@ def deepspeed_optimizer_problem(ds_config: dict, vision_learning_rate: float | N
 
 
 class QualityTrainer(Trainer):
-    """``Trainer`` whose loss is ``ce_weight * CE(answer)`` (``loss="ce"``), or with ``loss="deqa"``
-    ``ce_weight * CE + kl_weight * KL(soft label) + rank_weight * fidelity``. Evaluation returns the
-    five level logits at the level position as predictions (``label_names=["mos"]``)."""
+    """``Trainer`` whose loss is ``ce_weight * CE(answer)`` (``loss="ce"``), with ``loss="deqa"``
+    ``ce_weight * CE + kl_weight * KL(soft label) + rank_weight * rank``, with ``loss="ce_rank"``
+    ``ce_weight * CE + rank_weight * rank``; ``rank`` is the ``rank_loss`` (fidelity or margin) over
+    the batch's pairs (``rank_pairs="homologous"``: same-source pairs only). Evaluation returns the
+    five level logits at the level position as predictions (``label_names=["mos"]``). A
+    ``train_batch_sampler`` (rank-aware, e.g. :class:`~qalign_kvq.training.batching.GroupedBatchSampler`)
+    replaces the random sampler."""
 
     loss_is_scaled_for_ga = False  # per-batch means: the Trainer divides by the accumulation steps
 
     def __init__(self, *args, level_token_ids: Sequence[int], loss: str = "ce", ce_weight: float = 1.0,
                  kl_weight: float = 1.0, rank_weight: float = 1.0, vision_learning_rate: float | None = None,
-                 vision_param_filter: Callable[[str], bool] | None = None, **kwargs):
+                 vision_param_filter: Callable[[str], bool] | None = None, rank_loss: str = "fidelity",
+                 rank_pairs: str = "all", rank_margin: float = 0.5, train_batch_sampler=None,
+                 level_scores: Sequence[float] = tuple(LEVEL_SCORES), **kwargs):
         super().__init__(*args, **kwargs)
         self.level_token_ids = list(level_token_ids)
+        self.level_scores = tuple(float(v) for v in level_scores)
+        if len(self.level_scores) != len(self.level_token_ids):
+            raise ValueError(f"{len(self.level_token_ids)} level tokens but {len(self.level_scores)} level scores")
         self.loss_kind = loss
         self.weights = {"ce": ce_weight, "kl": kl_weight, "rank": rank_weight}
+        self.rank = {"kind": rank_loss, "pairs": rank_pairs, "margin": rank_margin}
+        self.train_batch_sampler = train_batch_sampler
         self.vision_learning_rate = vision_learning_rate
         self.vision_param_filter = vision_param_filter
         self._check_optimizer_settings()
@@ -131,8 +111,37 @@ class QualityTrainer(Trainer):
             loss = loss + self.weights["ce"] * answer_ce(logits, labels)
         if self.loss_kind == "deqa":
             loss = loss + self.weights["kl"] * soft_label_kl(level_logits, targets["soft_labels"].to(logits.device))
-            loss = loss + self.weights["rank"] * global_fidelity_rank_loss(level_logits, targets["level_scores"])
+        if self.loss_kind in RANKED_LOSSES:
+            sources = targets["source_ids"] if self.rank["pairs"] == "homologous" else None
+            if self.rank["pairs"] == "homologous" and sources is None:
+                raise ValueError("rank_pairs=homologous needs the source column in the training table")
+            loss = loss + self.weights["rank"] * rank_loss(level_logits, targets["level_scores"], self.level_scores,
+                                                           self.rank["kind"], self.rank["margin"], sources)
         return (loss, {"level_logits": level_logits.detach()}) if return_outputs else loss
+
+    def get_train_dataloader(self):
+        """The Trainer's dataloader, or with ``train_batch_sampler`` one over its batches; that sampler
+        already yields this process's share, so accelerate's shard wrapper is made a pass-through
+        (as the Trainer does for its own rank-aware ``BatchRebalanceSampler``)."""
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        from functools import partial
+
+        from transformers.trainer_utils import seed_worker
+
+        args = self.args
+        params = {"batch_sampler": self.train_batch_sampler, "collate_fn": self.data_collator,
+                  "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory,
+                  "persistent_workers": args.dataloader_persistent_workers,
+                  "multiprocessing_context": args.dataloader_multiprocessing_context,
+                  "prefetch_factor": args.dataloader_prefetch_factor,
+                  "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers,
+                                            rank=args.process_index)}
+        loader = self.accelerator.prepare(torch.utils.data.DataLoader(self.train_dataset, **params))
+        shard = getattr(loader, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is self.train_batch_sampler:
+            shard.num_processes, shard.process_index = 1, 0
+        return loader
 
     # transformers issue 43701: the Trainer reloads full-weight checkpoints (resume, best model) with
     # ``load_state_dict`` on the saved keys, but ``save_pretrained`` writes VLMs (Qwen-VL, LLaVA, ...)
@@ -202,10 +211,10 @@ class QualityTrainer(Trainer):
 
 def make_compute_metrics(filenames: Sequence[str], truth: Sequence[float], scale: LevelScale,
                          homologous_pairs=None, nonhomologous_pairs=None) -> Callable[[EvalPrediction], dict]:
-    """``compute_metrics`` for the Trainer: level logits of the validation rows (in table order) ->
-    expected score -> MOS scale -> SROCC, PLCC, Rank1, Rank2, Final (those that can be computed).
-    The function keeps its latest MOS-scale predictions (filename -> score) in ``last_predictions``
-    and the truth in ``truth``: the run's validation scatter draws them."""
+    """``compute_metrics`` for the Trainer: level logits of the validation rows (in table order, one
+    per level of ``scale``) -> expected score -> MOS scale -> SROCC, PLCC, Rank1, Rank2, Final (those
+    that can be computed). The function keeps its latest MOS-scale predictions (filename -> score)
+    in ``last_predictions`` and the truth in ``truth``: the run's validation scatter draws them."""
     from qalign_kvq.evaluate import compute_metrics
 
     names = list(filenames)
@@ -213,11 +222,11 @@ def make_compute_metrics(filenames: Sequence[str], truth: Sequence[float], scale
 
     def metrics(prediction: EvalPrediction) -> dict[str, float]:
         logits = np.asarray(prediction.predictions, dtype=np.float64)
-        if logits.shape != (len(names), 5):
-            raise ValueError(f"expected level logits of shape ({len(names)}, 5), got {logits.shape}")
+        if logits.shape != (len(names), scale.levels):
+            raise ValueError(f"expected level logits of shape ({len(names)}, {scale.levels}), got {logits.shape}")
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
-        mos = scale.to_mos(expected_score(probs))
+        mos = scale.to_mos(expected_score(probs, scale.scores))
         metrics.last_predictions = dict(zip(names, mos.tolist()))
         result = compute_metrics(dict(zip(names, mos.tolist())), true, homologous_pairs, nonhomologous_pairs)
         return {k: float(v) for k, v in result.items() if v is not None and math.isfinite(v)}
