@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from qalign_kvq.bare_parameters import load_bare_parameters
 from qalign_kvq.checkpoint import FORMAT_VERSION, META_FILE, CheckpointMeta
 from qalign_kvq.families import Family, family_class, family_for_model_type, get_family
 from qalign_kvq.resolve import is_adapter, resolve_base_model, resolve_checkpoint
@@ -84,14 +85,17 @@ def load_merged_adapter(directory: str | os.PathLike, meta: CheckpointMeta, fami
                         dtype: torch.dtype | None = None, **load_kwargs):
     """``(model, processor)``: the base model of the peft adapter in ``directory`` (resolved by path
     or hub id from ``meta.base_model`` or the adapter config, at ``meta.base_revision``) with the
-    adapter merged into it. The processor is the one saved beside the adapter (what training used),
-    the base's only when the adapter directory has none. ``load_kwargs`` go to ``from_pretrained``."""
+    adapter merged into it and the bare parameters saved beside it restored. The processor is the
+    one saved beside the adapter (what training used), the base's only when the adapter directory
+    has none. ``load_kwargs`` go to ``from_pretrained``."""
     from peft import PeftModel
 
     processor_path = str(directory) if has_processor(directory) else None
     model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dtype,
                                    processor_path=processor_path, **load_kwargs)
-    return PeftModel.from_pretrained(model, str(directory)).merge_and_unload(), processor
+    merged = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+    load_bare_parameters(merged, directory)  # what peft's adapter file cannot hold (image_newline)
+    return merged, processor
 
 
 def load_checkpoint(

@@ -1,6 +1,6 @@
 """Public checkpoints' real configuration, offline: the facts, and tiny checkpoints that carry them.
 
-    python scripts/real_checkpoints.py --out DIR [--family qwen2_5_vl|qwen3_vl ...]
+    python scripts/real_checkpoints.py --out DIR [--family qwen2_5_vl|qwen3_vl|llava_onevision_7b|... ...]
 
 What a user's download of ``Qwen/Qwen2.5-VL-7B-Instruct`` or ``Qwen/Qwen3-VL-8B-Instruct`` holds
 besides the weights is written here as it is on the Hub: the processor files
@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -232,10 +233,12 @@ def qwen_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return model["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
 
 
-def qwen_tokenizer(added_tokens: list[tuple[str, bool]], chat_template: str):
+def qwen_tokenizer(added_tokens: list[tuple[str, bool]], chat_template: str,
+                   extra_special_tokens: dict[str, str] | None = None):
     """Qwen's real tokenizer: the tiktoken ranks as a byte-level BPE (Qwen2's pattern), the added
     tokens at their real ids, ``<|im_end|>`` as eos and ``<|endoftext|>`` as pad, as Qwen2.5-VL /
-    Qwen3-VL ship it."""
+    Qwen3-VL ship it; ``extra_special_tokens`` names model-specific tokens (InternVL's
+    ``context_image_token`` ...)."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
@@ -249,6 +252,13 @@ def qwen_tokenizer(added_tokens: list[tuple[str, bool]], chat_template: str):
             raise RuntimeError(f"{token} got id {tokenizer.convert_tokens_to_ids(token)}")
     tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
     tokenizer.chat_template = chat_template
+    if extra_special_tokens:  # named on reload, as the conversion scripts do (the tokens already have their ids)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            tokenizer = Qwen2Tokenizer.from_pretrained(tmp, extra_special_tokens=extra_special_tokens)
+        for offset, (token, _) in enumerate(added_tokens):
+            if tokenizer.convert_tokens_to_ids(token) != QWEN_REGULAR_TOKENS + offset:
+                raise RuntimeError(f"{token} got id {tokenizer.convert_tokens_to_ids(token)} after naming")
     return tokenizer
 
 
@@ -285,16 +295,25 @@ def _qwen3_vl():
 _BUILDERS = {"qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl}
 
 
+def _builders() -> dict:
+    """Every checkpoint this script can build: the Qwen-VL ones here, LLaVA-OneVision and InternVL
+    in ``real_checkpoints_llava_internvl.py``."""
+    import real_checkpoints_llava_internvl as others  # the sibling module in scripts/
+
+    return {**_BUILDERS, **others.BUILDERS}
+
+
 def build(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write ``out_dir/<family>``: the real tokenizer files and chat template, the real processor
     config files, and tiny random weights; returns the directory."""
     from transformers import AutoModelForImageTextToText
 
-    if family not in _BUILDERS:
-        raise ValueError(f"no real configuration for {family!r}; known: {', '.join(_BUILDERS)}")
+    builders = _builders()
+    if family not in builders:
+        raise ValueError(f"no real configuration for {family!r}; known: {', '.join(builders)}")
     out = Path(out_dir) / family
     out.mkdir(parents=True, exist_ok=True)
-    config, tokenizer, processor_files = _BUILDERS[family]()
+    config, tokenizer, processor_files = builders[family]()
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
@@ -310,9 +329,9 @@ def build(family: str, out_dir: str | Path, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--family", action="append", choices=FAMILIES, help="default: all")
+    parser.add_argument("--family", action="append", choices=tuple(_builders()), help="default: all")
     args = parser.parse_args(argv)
-    for family in args.family or FAMILIES:
+    for family in args.family or tuple(_builders()):
         print(f"{family}: {build(family, args.out)}")
     return 0
 

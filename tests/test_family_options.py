@@ -47,8 +47,12 @@ def test_options_reach_the_constructor_and_unknown_ones_are_named():
     with pytest.raises(ValueError, match="model family 'mplug_owl2' has no option 'colour'; its options: "
                                          "prompt_layout, frame_pixels"):
         get_family("mplug_owl2", colour="red")
-    with pytest.raises(ValueError, match="model family 'internvl' has no option 'clip_fps'; its options: frame_pixels"):
+    with pytest.raises(ValueError, match="model family 'internvl' has no option 'clip_fps'; its options: "
+                                         "prompt_layout, frame_pixels"):
         get_family("internvl", clip_fps=2)
+    with pytest.raises(ValueError, match="llava_onevision: prompt_layout must be one of chat_template, qwen_1_5, "
+                                         "not 'vicuna_v1'"):
+        get_family("llava_onevision", prompt_layout="vicuna_v1")
     with pytest.raises(ValueError, match="prompt_layout must be one of vicuna_v1, question_first, image_first, "
                                          "not 'sideways'"):
         get_family("mplug_owl2", prompt_layout="sideways")

@@ -100,6 +100,18 @@ def test_trick_recipes_switch_their_trick_on():
     assert len(words) == 9 and scores.tolist() == [5, 4.5, 4, 3.5, 3, 2.5, 2, 1.5, 1]
 
 
+@pytest.mark.parametrize("name,layout,budget", [
+    ("kvq_llava_onevision_7b_lora", "qwen_1_5", 384 * 384), ("kvq_llava_onevision_7b_full", "qwen_1_5", 384 * 384),
+    ("kvq_internvl3_8b_lora", "internvl2_5", 448 * 448), ("kvq_internvl3_8b_full", "internvl2_5", 448 * 448)])
+def test_llava_onevision_and_internvl_recipes_state_their_conversation_and_budget(name, layout, budget):
+    model, _, method, _ = parse_args([str(ROOT / f"recipes/configs/{name}.yaml"), "--bf16", "false"])
+    assert model.family_options == {"prompt_layout": layout, "frame_pixels": budget}
+    family = get_family(model.family, **model.family_options)
+    assert family.prompt_layout == family.authors_layout == family.zero_shot_options["prompt_layout"]
+    if method.method == "lora":  # the tower frozen: adapters on the language model only
+        assert method.freeze_vision and method.freeze_projector
+
+
 def test_two_stage_recipe_continues_stage_one():
     _, _, _, stage1 = parse_args([str(ROOT / "recipes/configs/kvq_onealign_lora_stage1_ugc.yaml"), "--bf16", "false"])
     model2, data2, _, stage2 = parse_args([str(ROOT / "recipes/configs/kvq_onealign_lora_stage2_kvq.yaml"),

@@ -133,6 +133,9 @@ class Family:
     model_types: tuple[str, ...] = ()
     #: Default peft ``target_modules`` for LoRA (a list of names or a regex string).
     lora_targets: list[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
+    #: LoRA targets in the vision tower (a regex), used when it is unfrozen; None: the family has none
+    #: and LoRA with an unfrozen tower is refused.
+    vision_lora_targets: str | None = None
     #: Parameter-name prefixes of the module groups that freeze switches act on.
     vision_prefixes: tuple[str, ...] = ()
     projector_prefixes: tuple[str, ...] = ()

@@ -20,7 +20,8 @@ timestamps (``<t seconds>`` before every temporal patch). Frames without timing 
 ``1 / clip_fps`` seconds apart. Qwen2-VL has no notion of time.
 
 LoRA targets ``q_proj/k_proj/v_proj/o_proj``: in these models only the language model has modules
-by those names (the vision blocks use ``qkv``/``proj``), so LoRA touches the language model only.
+by those names (the vision blocks use ``qkv``/``proj``), so LoRA touches the language model only;
+an unfrozen vision tower gets adapters on its blocks' attention and MLP.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ QWEN_VL_UTILS_FRAME_TOKENS = 768
 
 
 class _QwenVLFamily(Family):
+    #: An unfrozen vision tower's LoRA targets: each block's attention and MLP (Qwen2-VL ``fc1/fc2``,
+    #: Qwen2.5-VL ``gate/up/down_proj``, Qwen3-VL ``linear_fc1/2``), not the mergers.
+    vision_lora_targets = (r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|"
+                           r"mlp\.(fc1|fc2|gate_proj|up_proj|down_proj|linear_fc1|linear_fc2))")
     vision_prefixes = ("model.visual.blocks.", "model.visual.patch_embed.", "model.visual.pos_embed.")
     projector_prefixes = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
     language_prefixes = ("model.language_model.", "lm_head.")

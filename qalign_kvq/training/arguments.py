@@ -27,7 +27,9 @@ class ModelArguments:
                                                "flash_attention_2).")
     family_options: dict | str | None = _f(None, "Options of the family, a mapping (YAML/JSON), e.g. {frame_pixels: "
                                                  "602112} (the per-frame pixel budget, default: the model's own "
-                                                 "video default), {prompt_layout: vicuna_v1} for mplug_owl2, "
+                                                 "video default), {prompt_layout: vicuna_v1} for mplug_owl2 "
+                                                 "(qwen_1_5 for llava_onevision, internvl2_5 for internvl: the "
+                                                 "authors' training conversation; default chat_template), "
                                                  "{clip_fps: 2} for Qwen; stored in qalign_kvq.json (budget "
                                                  "resolved) so scoring builds the family alike.")
     scoring_protocol: str = _f("kvq", "Scoring protocol stored with the checkpoint: kvq (12 frames x FiveCrop, MOS "
@@ -119,10 +121,12 @@ class MethodArguments:
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.05, "LoRA dropout.")
     lora_target_modules: list[str] | None = _f(None, "LoRA target module names (default: the family's).")
-    freeze_vision: bool = _f(True, "Freeze the vision tower.")
+    freeze_vision: bool = _f(True, "Freeze the vision tower (unfrozen with LoRA, it gets adapters on its layers' "
+                                   "attention and MLP).")
     freeze_projector: bool | None = _f(None, "Freeze the projector/abstractor (default: frozen for LoRA unless "
                                              "the family trains it, trained for full).")
-    freeze_language: bool = _f(False, "Freeze the language model (full) / put no adapter on it (LoRA).")
+    freeze_language: bool = _f(False, "Freeze the language model (full) / put no adapter on it (LoRA: then the "
+                                      "vision tower must be unfrozen).")
     vision_learning_rate: float | None = _f(None, "Learning rate of the vision tower and projector (default: "
                                                   "learning_rate).")
     loss: str = _f("ce", "ce: cross-entropy on the answer tokens (Q-Align); deqa: soft-label KL at the level "

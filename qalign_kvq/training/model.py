@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from qalign_kvq.bare_parameters import load_bare_parameters
 from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
 from qalign_kvq.families import Family, family_for_model_type, get_family
 
@@ -87,6 +88,7 @@ def load_for_training(model_name_or_path: str, family_name: str | None = None, d
                                        processor_path=str(directory) if has_processor(directory) else None,
                                        **load_kwargs)
         model = PeftModel.from_pretrained(model, str(directory), is_trainable=True)
+        load_bare_parameters(model, directory, trainable=True)
         return TrainingModel(model, processor, family, adapter_base_model(directory, meta), meta.base_revision)
     model, processor = family.load(str(directory), dtype=dtype, **load_kwargs)
     return TrainingModel(model, processor, family, str(model_name_or_path), snapshot_revision(directory))
@@ -137,9 +139,12 @@ def prepare_model(model, family: Family, method: str = "lora", *, lora_r: int = 
     """Set which parameters train and return the model (a ``PeftModel`` for ``method="lora"``).
 
     Full: every parameter trains except the frozen groups (parameters outside the family's three
-    groups follow the language switch). LoRA: adapters on ``lora_targets`` (default: the family's)
-    outside frozen groups; an unfrozen projector is trained fully and saved with the adapter
-    (peft ``modules_to_save``); an unfrozen vision tower gets adapters where the targets match.
+    groups follow the language switch). LoRA: adapters on ``lora_targets`` outside frozen groups;
+    by default the family's language-model targets unless ``freeze_language``, plus its vision-tower
+    targets (``Family.vision_lora_targets``) when the tower is unfrozen (a family without them
+    refuses). An unfrozen projector is trained fully and saved with the adapter (peft
+    ``modules_to_save``; bare parameters such as LLaVA-OneVision's ``image_newline`` are made
+    trainable and saved beside it, :mod:`qalign_kvq.bare_parameters`).
     ``freeze_projector=None`` means trained for full fine-tuning, frozen for LoRA."""
     if freeze_projector is None:
         freeze_projector = method == "lora"
@@ -172,14 +177,47 @@ def prepare_model(model, family: Family, method: str = "lora", *, lora_r: int = 
             _vision_inputs_require_grad(model, groups["vision"])
     excluded = [p for g in ("vision", "projector", "language") if frozen[g] or g == "projector" for p in groups[g]]
     save = _existing_modules(model, groups["projector"]) if not frozen["projector"] else []
-    targets = lora_targets if lora_targets is not None else family.lora_targets
+    bare = _bare_parameters(model, groups["projector"]) if not frozen["projector"] else []
+    targets = lora_targets if lora_targets is not None else default_lora_targets(
+        family, vision=not frozen["vision"], language=not frozen["language"])
     config = LoraConfig(
         r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         target_modules=list(targets) if not isinstance(targets, str) else targets,
         exclude_modules=_prefix_regex(excluded) if excluded else None,
         modules_to_save=save or None,
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for name, param in model.named_parameters():
+        if _strip(name) in bare:
+            param.requires_grad_(True)
+    return model
+
+
+def default_lora_targets(family: Family, vision: bool, language: bool) -> Sequence[str] | str:
+    """The family's LoRA targets for the unfrozen groups: its language-model targets and, for an
+    unfrozen vision tower, its vision-tower targets (a regex). Refuses what LoRA cannot train."""
+    if vision and not family.vision_lora_targets:
+        raise ValueError(f"{family.name}: LoRA has no vision-tower targets for this family, so freeze_vision: false "
+                         "would train nothing in the tower; fine-tune it with method: full, or name its modules "
+                         "in lora_target_modules")
+    if not vision and not language:
+        raise ValueError(f"{family.name}: LoRA with freeze_vision and freeze_language both true has no module to "
+                         "adapt; to train the projector alone use method: full with both frozen")
+    if not vision:
+        return family.lora_targets
+    if not language:
+        return family.vision_lora_targets
+    text = family.lora_targets
+    if not isinstance(text, str):  # peft's list semantics: the name, or a name ending in ".<target>"
+        text = r"(.*\.)?(" + "|".join(re.escape(t) for t in text) + ")"
+    return f"(?:{text})|(?:{family.vision_lora_targets})"
+
+
+def _bare_parameters(model, prefixes: Sequence[str]) -> set[str]:
+    """Prefixes that name a parameter rather than a module (``model.image_newline``): peft's
+    ``modules_to_save`` cannot hold them."""
+    names = {name for name, _ in model.named_parameters()}
+    return {p.rstrip(".") for p in prefixes if p.rstrip(".") in names}
 
 
 def _numel(param: torch.nn.Parameter) -> int:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer
 
+from qalign_kvq.bare_parameters import load_bare_parameters, save_bare_parameters
 from qalign_kvq.levels import LEVEL_SCORES, LevelScale, expected_score
 from qalign_kvq.training.collator import TARGET_KEYS
 from qalign_kvq.training.ranking import rank_loss
@@ -159,12 +160,16 @@ class QualityTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = self.model if model is None else model
         if not self._plain_weights(target):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_bare_parameters(target, resume_from_checkpoint)
+            return
         self._reload_weights(resume_from_checkpoint, target)
 
     def _load_best_model(self):
         if not self._plain_weights(self.model):
-            return super()._load_best_model()
+            super()._load_best_model()
+            load_bare_parameters(self.model, self.state.best_model_checkpoint)
+            return
         self._reload_weights(self.state.best_model_checkpoint, self.model)
 
     def _optimizer_offloaded(self) -> bool:
@@ -177,6 +182,12 @@ class QualityTrainer(Trainer):
             problem = deepspeed_optimizer_problem(config.config, self.vision_learning_rate, self.args.optim)
             if problem:
                 raise ValueError(f"DeepSpeed config {self.args.deepspeed}: {problem}")
+    def _save(self, output_dir=None, state_dict=None):
+        """Also writes the bare trainable parameters peft's adapter file leaves out (LLaVA-OneVision's
+        ``image_newline``), for the final output and every checkpoint (:mod:`qalign_kvq.bare_parameters`)."""
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            save_bare_parameters(self.model, output_dir or self.args.output_dir, state_dict or None)
 
     def create_optimizer(self, model=None):
         """The default optimizer, with ``vision_learning_rate`` on the parameters the filter selects;

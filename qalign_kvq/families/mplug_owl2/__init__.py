@@ -59,6 +59,9 @@ class MPLUGOwl2Family(Family):
     name = "mplug_owl2"
     model_types = ("mplug_owl2",)
     lora_targets = LORA_TARGETS
+    #: An unfrozen ViT's LoRA targets: its layers' attention and MLP.
+    vision_lora_targets = (r"model\.vision_model\.encoder\.layers\.\d+\."
+                           r"(self_attn\.(query_key_value|dense)|mlp\.(fc1|fc2))")
     vision_prefixes = ("model.vision_model.",)
     projector_prefixes = ("model.visual_abstractor.",)
     language_prefixes = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
