@@ -7,7 +7,7 @@ STAMP := $(VENV)/.qalign-kvq-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test demo env ffmpeg clean
+.PHONY: test demo env ffmpeg chromium clean
 
 env: $(STAMP)
 
@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test,logging]'
+	# The real Qwen vocabulary for the tests (qwen_agent/utils/qwen.tiktoken); none of its dependencies
+	$(PY) -m pip install -q --no-deps qwen-agent==0.0.34
 	touch $(STAMP)
 
 ffmpeg:
@@ -24,7 +26,14 @@ ffmpeg:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg) >/dev/null || \
 	  { echo "could not install ffmpeg: run 'apt-get install ffmpeg' (needs root)"; exit 1; }; }
 
-test: $(STAMP) ffmpeg
+# headless Chromium opens the HTML report in tests/test_report.py (Debian's package)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (apt)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null || \
+	  { echo "could not install chromium: run 'apt-get install chromium' (needs root)"; exit 1; }; }
+
+test: $(STAMP) ffmpeg chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 DEMO_OUT ?= demo_out

@@ -2,7 +2,8 @@
 
 Video paths are relative to a video root and may not escape it. :func:`check_videos` finds every
 row whose file is missing or unreadable *before* training starts and reports them all at once.
-:func:`add_levels` assigns the five Q-Align levels with equal-width bins (optionally soft labels).
+:func:`add_levels` assigns the levels (Q-Align's five, or a finer vocabulary) with equal-width bins
+(optionally soft labels).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
@@ -24,6 +26,8 @@ from qalign_kvq.levels import LEVEL_WORDS, LevelScale, balanced_indices, soft_la
 FILE_KEYS = ("filename", "video", "path", "file")
 SCORE_KEYS = ("score", "mos")
 STD_KEYS = ("std", "mos_std", "score_std")
+#: The column naming each video's source (``python -m qalign_kvq.sources`` writes it).
+SOURCE_KEYS = ("source",)
 
 
 class AnnotationError(ValueError):
@@ -96,13 +100,27 @@ def _build(rows: list[dict], source: str, video_root: str | os.PathLike, require
     if not any(row["std"] is not None for row in rows):
         for row in rows:
             del row["std"]
+    if all(row["source"] is None for row in rows):
+        for row in rows:
+            del row["source"]
     return datasets.Dataset.from_list(rows)
+
+
+def _source(value, source: str, where: str, present: bool) -> str | None:
+    if not present:
+        return None
+    text = "" if value is None else str(value).strip()
+    if not text:
+        raise AnnotationError(f"{source}: {where}: empty source (a source column needs one on every row; "
+                              "python -m qalign_kvq.sources fills it)")
+    return text
 
 
 def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike,
                    require_scores: bool = True) -> datasets.Dataset:
-    """A KVQ-style CSV (header ``filename,score`` and optionally ``std``) -> Dataset with columns
-    ``filename``, ``score``, [``std``], ``path`` (absolute, inside ``video_root``)."""
+    """A KVQ-style CSV (header ``filename,score`` and optionally ``std`` and ``source``) -> Dataset
+    with columns ``filename``, ``score``, [``std``], [``source``], ``path`` (absolute, inside
+    ``video_root``)."""
     path = Path(path)
     source = str(path)
     try:
@@ -112,6 +130,7 @@ def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike,
             file_key = _pick(FILE_KEYS, header, "filename", source)
             score_key = _pick(SCORE_KEYS, header, "score", source)
             std_key = _pick(STD_KEYS, header, "std", source, required=False)
+            source_key = _pick(SOURCE_KEYS, header, "source", source, required=False)
             rows = []
             for line, record in enumerate(reader, start=2):
                 where = f"line {line}"
@@ -122,6 +141,7 @@ def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike,
                     "filename": name,
                     "score": _number(record.get(score_key), source, where, "score", allow_empty=True),
                     "std": _number(record.get(std_key), source, where, "std", allow_empty=True) if std_key else None,
+                    "source": _source(record.get(source_key), source, where, source_key is not None),
                     "_where": where,
                 })
     except FileNotFoundError:
@@ -131,7 +151,8 @@ def read_csv_table(path: str | os.PathLike, video_root: str | os.PathLike,
 
 def read_jsonl_table(path: str | os.PathLike, video_root: str | os.PathLike,
                      require_scores: bool = True) -> datasets.Dataset:
-    """JSON lines, one object per video: ``{"filename"|"video": ..., "score"|"mos": ..., "std": ...}``."""
+    """JSON lines, one object per video: ``{"filename"|"video": ..., "score"|"mos": ..., "std": ...,
+    "source": ...}``."""
     path = Path(path)
     source = str(path)
     rows = []
@@ -152,6 +173,7 @@ def read_jsonl_table(path: str | os.PathLike, video_root: str | os.PathLike,
         file_key = _pick(FILE_KEYS, list(record), "filename", f"{source}: {where}")
         score_key = _pick(SCORE_KEYS, list(record), "score", f"{source}: {where}", required=require_scores)
         std_key = _pick(STD_KEYS, list(record), "std", source, required=False)
+        source_key = _pick(SOURCE_KEYS, list(record), "source", source, required=False)
         name = str(record[file_key]).strip()
         if not name:
             raise AnnotationError(f"{source}: {where}: empty filename")
@@ -159,8 +181,12 @@ def read_jsonl_table(path: str | os.PathLike, video_root: str | os.PathLike,
             "filename": name,
             "score": _number(record.get(score_key), source, where, "score", allow_empty=True) if score_key else None,
             "std": _number(record.get(std_key), source, where, "std", allow_empty=True) if std_key else None,
+            "source": _source(record.get(source_key), source, where, source_key is not None),
             "_where": where,
         })
+    if any(row["source"] is not None for row in rows) and any(row["source"] is None for row in rows):
+        missing = next(row["_where"] for row in rows if row["source"] is None)
+        raise AnnotationError(f"{source}: {missing}: no source (other records have one)")
     return _build(rows, source, video_root, require_scores)
 
 
@@ -171,43 +197,93 @@ def read_table(path: str | os.PathLike, video_root: str | os.PathLike, require_s
     return read_csv_table(path, video_root, require_scores)
 
 
-def check_videos(table: datasets.Dataset, source: str = "annotations", readable: bool = True) -> None:
-    """Raise :class:`MissingVideosError` listing every row whose file is missing (or, with
-    ``readable``, cannot be probed as a video). Nothing is skipped silently."""
+NOT_FOUND = "file not found"
+
+
+def video_problems(table: datasets.Dataset, readable: bool = True, rank: int = 0,
+                   world_size: int = 1) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """What one process finds: ``(filename, reason)`` of every row whose file it cannot see, and
+    with ``readable`` of the rows of its share (every ``world_size``-th distinct file from ``rank``)
+    that cannot be probed as a video; plus the frame count and rate of each file of its share
+    (path -> (frames, fps))."""
     from qalign_kvq.video import VideoError, probe
 
-    problems = []
+    problems, counts, present = [], {}, set()
     for name, path in zip(table["filename"], table["path"]):
-        if not Path(path).is_file():
-            problems.append((name, "file not found"))
+        if Path(path).is_file():
+            present.add(path)
+        else:
+            problems.append((name, NOT_FOUND))
+    distinct = dict(zip(table["path"], table["filename"]))  # the shares split the table, not one view of it
+    for path, name in list(distinct.items())[rank::world_size] if readable else []:
+        if path not in present:
             continue
-        if readable:
-            try:
-                info = probe(path)
-            except VideoError as err:
-                problems.append((name, getattr(err, "reason", str(err))))
-                continue
-            if info.num_frames < 1:
-                problems.append((name, "no frames"))
-    if problems:
-        raise MissingVideosError(source, problems)
+        try:
+            info = probe(path)
+        except VideoError as err:
+            problems.append((name, getattr(err, "reason", str(err))))
+            continue
+        if info.num_frames < 1:
+            problems.append((name, "no frames"))
+        else:
+            counts[path] = (info.num_frames, info.fps)
+    return problems, counts
+
+
+def check_videos(table: datasets.Dataset, source: str = "annotations", readable: bool = True,
+                 timeout: float = 6 * 3600) -> dict[str, tuple[int, float]]:
+    """Raise :class:`MissingVideosError` listing every row whose file is missing (or, with
+    ``readable``, cannot be probed as a video); nothing is skipped silently. Returns what the probes
+    found (path -> (frame count, fps)). Under torch.distributed every process must call it: each looks for every
+    file (its own view of the storage) and probes its share, then all wait up to ``timeout`` seconds
+    for each other on a side group and raise the same error, naming the processes that miss a file
+    the others see."""
+    import socket
+
+    from qalign_kvq.distributed import all_gather, rank_and_size, side_group
+
+    rank, world_size = rank_and_size()
+    found = video_problems(table, readable, rank, world_size)
+    with side_group(timedelta(seconds=timeout)) as group:
+        gathered = all_gather((socket.gethostname(), *found), group)
+    seen: dict[str, dict[str, set[int]]] = {}
+    counts: dict[str, tuple[int, float]] = {}
+    for r, (_, problems, probed) in enumerate(gathered):
+        counts.update(probed)
+        for name, reason in problems:
+            seen.setdefault(name, {}).setdefault(reason, set()).add(r)
+    order = {name: i for i, name in enumerate(table["filename"])}
+    merged = []
+    for name in sorted(seen, key=order.__getitem__):
+        for reason, ranks in seen[name].items():
+            if reason == NOT_FOUND and len(ranks) < world_size:
+                where = ", ".join(f"{r} ({gathered[r][0]})" for r in sorted(ranks))
+                reason = f"{NOT_FOUND} by process {where} of {world_size} (the others see it)"
+            merged.append((name, reason))
+    if merged:
+        raise MissingVideosError(source, merged)
+    return counts
 
 
 def add_levels(table: datasets.Dataset, scale: LevelScale, soft_labels: bool = False,
-               min_std: float = 0.2) -> datasets.Dataset:
-    """Add ``level`` (1 = bad .. 5 = excellent), ``level_word``, ``level_score`` (MOS on the 1..5
-    level axis) and, with ``soft_labels``, ``soft_label`` (5 probabilities ordered like
-    :data:`LEVEL_WORDS`; the std column, scaled to level units, sets the spread)."""
+               min_std: float = 0.2, words: Sequence[str] = LEVEL_WORDS) -> datasets.Dataset:
+    """Add ``level`` (1 = worst .. N = best, N = ``scale.levels``), ``level_word`` (from ``words``,
+    best first), ``level_score`` (MOS on the level-score axis) and, with ``soft_labels``,
+    ``soft_label`` (N probabilities ordered like ``words``; the std column, scaled to level units,
+    sets the spread)."""
+    if len(words) != scale.levels:
+        raise AnnotationError(f"{len(words)} level words for a scale of {scale.levels} levels")
     scores = np.asarray(table["score"], dtype=float)
     levels = scale.level_index(scores)
     level_scores = scale.to_level_score(scores)
     table = table.add_column("level", [int(v) for v in levels])
-    table = table.add_column("level_word", [LEVEL_WORDS[5 - int(v)] for v in levels])
+    table = table.add_column("level_word", [words[scale.levels - int(v)] for v in levels])
     table = table.add_column("level_score", [float(v) for v in level_scores])
     if soft_labels:
         stds = table["std"] if "std" in table.column_names else [None] * len(table)
         labels = [
-            soft_label(float(x), None if s is None else float(s) / scale.width, min_std=min_std).tolist()
+            soft_label(float(x), None if s is None else float(s) / scale.width, min_std=min_std,
+                       scores=scale.scores).tolist()
             for x, s in zip(level_scores, stds)
         ]
         table = table.add_column("soft_label", labels)

@@ -6,7 +6,8 @@ are pair accuracies on homologous and non-homologous pairs, where the predicted 
 ``Final = 0.45 SROCC + 0.45 PLCC + 0.05 Rank1 + 0.05 Rank2``.
 
 CLI: ``python -m qalign_kvq.evaluate --pred prediction.csv --truth truth.csv
-[--pairs-homologous F --pairs-nonhomologous F | --pairs-xlsx rank-pair.xlsx] [--json PATH]``.
+[--pairs-homologous F --pairs-nonhomologous F | --pairs-xlsx rank-pair.xlsx] [--json PATH]
+[--plot scatter.png [--mos-range LOW HIGH]]``. Exit code 0 done, 2 bad input or an unwritable output.
 """
 
 from __future__ import annotations
@@ -187,9 +188,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pairs-nonhomologous", help="CSV video1,video2,label of non-homologous pairs (Rank2)")
     parser.add_argument("--pairs-xlsx", help="rank-pair .xlsx with sheets 'source' and 'nonsource'")
     parser.add_argument("--json", help="also write the metrics as JSON to this path")
+    parser.add_argument("--plot", metavar="PNG", help="also draw predicted score against MOS and the predictions "
+                        "per true level into this PNG (metrics in the title)")
+    parser.add_argument("--mos-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="MOS range whose five equal bins are the levels of --plot (default: the truth's range; "
+                             "give the training set's to see the bins the model was trained on)")
     parser.add_argument("--final", nargs=4, type=float, metavar=("SROCC", "PLCC", "RANK1", "RANK2"),
                         help="only compute Final from the four metric values")
     args = parser.parse_args(argv)
+    if args.plot and args.final:
+        parser.error("--plot draws predictions: give --pred and --truth, not --final")
+    scale = None
+    if args.mos_range:
+        from qalign_kvq.levels import LevelScale
+
+        try:
+            scale = LevelScale(*args.mos_range)
+        except ValueError as err:
+            parser.error(f"--mos-range: {err}")
     try:
         if args.final:
             metrics = dict(zip(WEIGHTS, args.final))
@@ -206,15 +222,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 homologous = read_pairs(args.pairs_homologous)
             if args.pairs_nonhomologous:
                 nonhomologous = read_pairs(args.pairs_nonhomologous)
-            metrics = compute_metrics(read_scores(args.pred), read_scores(args.truth), homologous, nonhomologous)
+            pred, truth = read_scores(args.pred), read_scores(args.truth)
+            metrics = compute_metrics(pred, truth, homologous, nonhomologous)
     except EvaluationInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_table(metrics))
-    if args.json:
-        from qalign_kvq.checkpoint import write_json_atomic
+    try:
+        if args.json:
+            from qalign_kvq.checkpoint import write_json_atomic
 
-        write_json_atomic(args.json, metrics)
+            write_json_atomic(args.json, metrics)
+        if args.plot:
+            from qalign_kvq.plots import save_scatter
+
+            save_scatter(args.plot, pred, truth, metrics, scale)
+            print(f"scatter plot: {args.plot}")
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,5 +1,6 @@
 """Score videos from the command line.
 
+    python -m qalign_kvq.infer --video x.mp4                                  # the public OneAlign, its authors' way
     python -m qalign_kvq.infer --video x.mp4 --model DIR_OR_HUB_ID            # one JSON object
     python -m qalign_kvq.infer --videos DIR|LIST.csv|FILES... --model M --output pred.csv
     accelerate launch -m qalign_kvq.infer --videos test.csv --model M --output pred.jsonl
@@ -10,29 +11,59 @@ the submission format ``filename,score``, written atomically (errors left out) f
 kept beside it in ``<output>.jsonl``. Every record is appended as one complete line and fsync'ed,
 so a kill loses at most the video in flight; a rerun skips the files that already have a record
 (``--retry-errors`` scores the failed ones again), and a finished run leaves the records in input
-order. Under ``accelerate launch`` each process scores its share into ``<records>.part<rank>`` and
-rank 0 merges them in input order. Exit code: 0 all scored, 1 some failed, 2 usage or model error.
+order. Under ``accelerate launch`` process 0 lists what is left to score and hands it out, each process
+scores its share into ``<records>.part<rank>`` (the output folder must be shared by all, which is
+checked first) and process 0 merges them in input order. Every exception scoring a video becomes
+its error record, except KeyboardInterrupt and device failures (``torch.AcceleratorError``: the GPU
+is unusable; exit 3, the records so far are kept); CUDA out-of-memory is recorded (``--retry-errors``
+with a smaller ``--views-per-forward`` scores it again). Exit code: 0 all scored, 1 some failed or
+have no record, 2 usage, model or storage error, 3 device failure.
+
+Each checkpoint names its scoring protocol (``kvq``: 12 frames x FiveCrop on the MOS scale, for
+fine-tuned models; ``authors``: whole frames at the family's rate, the expected level, for public
+checkpoints); ``--protocol`` chooses another, and ``--frames``, ``--fps``, ``--crop-ratio``... change
+its settings (the record's ``protocol`` then lists them).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
-import os
+import secrets
 import sys
+import traceback
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
+from qalign_kvq.loading import DEFAULT_MODEL
+from qalign_kvq.records import (
+    append_record,
+    check_shared_folder,
+    drop_errors,
+    merge_parts,
+    part_files,
+    part_path,
+    read_records,
+    records_path,
+    repair_tail,
+    tally,
+    write_submission_csv,
+)
+from qalign_kvq.scoring import PROTOCOLS
+
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".flv", ".3gp", ".ts", ".mpg", ".mpeg"}
 
 
 class UsageError(Exception):
     """Bad command-line input (exit code 2)."""
+
+
+class DeviceError(Exception):
+    """The accelerator failed (exit code 3): nothing more can be scored in this process."""
 
 
 # ----- inputs ----------------------------------------------------------------------------------
@@ -69,108 +100,79 @@ def collect_inputs(items: Sequence[str], root: str | None = None) -> list[tuple[
     return list(out.items())
 
 
-# ----- records -----------------------------------------------------------------------------------
-def records_path(output: Path) -> Path:
-    """Where the full records live: the output itself (JSONL) or ``<output>.jsonl`` beside a CSV."""
-    return output if output.suffix.lower() != ".csv" else output.with_name(output.name + ".jsonl")
-
-
-def read_records(path: Path) -> list[dict]:
-    """Complete records of a JSONL file (a last line without newline, from a kill, is ignored)."""
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    lines = text.split("\n")[:-1]  # only newline-terminated lines
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def repair_tail(path: Path) -> None:
-    """Cut a half-written last line (no trailing newline) off a records file."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as handle:
-            handle.truncate(data.rfind(b"\n") + 1)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
-def append_record(path: Path, record: dict) -> None:
-    """Append one record as one complete line in a single write, then fsync."""
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_submission_csv(output: Path, records: Sequence[dict]) -> None:
-    """``filename,score`` of every scored record, in record order (error records left out)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["filename", "score"])
-    for record in records:
-        if "error" not in record:
-            writer.writerow([record["file"], repr(float(record["score"]))])
-    write_text_atomic(output, buf.getvalue())
-
-
-def part_files(records: Path) -> list[Path]:
-    return sorted(records.parent.glob(f"{records.name}.part*"))
-
-
-def merge_parts(records: Path, order: dict[str, int]) -> None:
-    """Append the records of every part file (input order; names already present skipped), then
-    remove the parts."""
-    done = {r["file"] for r in read_records(records)}
-    parts = part_files(records)
-    pending = [r for part in parts for r in read_records(part) if r["file"] not in done]
-    pending.sort(key=lambda r: order.get(r["file"], len(order)))
-    for record in pending:
-        if record["file"] not in done:
-            append_record(records, record)
-            done.add(record["file"])
-    for part in parts:
-        part.unlink()
-
-
 # ----- scoring -----------------------------------------------------------------------------------
+#: Command-line flags that set a protocol's ViewOptions field of the same name (None: the protocol's own).
+PROTOCOL_FLAGS = ("frames", "fps", "max_frames", "crop_ratio", "center_weight", "views", "scale")
+
+
 def build_scorer(args, device=None):
     from qalign_kvq.scorer import Scorer
-    from qalign_kvq.scoring import ViewOptions
 
-    options = ViewOptions(frames=args.frames, crop_ratio=args.crop_ratio, center_weight=args.center_weight,
-                          include_full=args.include_full, crop_sandwich=args.crop_sandwich,
-                          batch_size=args.views_per_forward)
-    return Scorer.from_pretrained(args.model, device=device or args.device, dtype=args.dtype,
-                                  weights=args.model_weight, options=options, attn_implementation=args.attn,
-                                  vision_attention=args.vision_attention)
+    overrides = {name: getattr(args, name) for name in PROTOCOL_FLAGS if getattr(args, name) is not None}
+    if args.include_full:
+        overrides["include_full"] = True
+    if args.crop_sandwich:
+        overrides["crop_sandwich"] = True
+    if args.views_per_forward:
+        overrides["batch_size"] = args.views_per_forward
+    return Scorer.from_pretrained(args.model or [DEFAULT_MODEL], device=device or args.device, dtype=args.dtype,
+                                  weights=args.model_weight, protocol=args.protocol, attn_implementation=args.attn,
+                                  frame_pixels=args.frame_pixels,
+                                  vision_attention=args.vision_attention, **overrides)
 
 
 def score_one(scorer, name: str, path: Path) -> dict:
-    """A record for one video: the score, or ``{"file", "error"}`` with the reason."""
+    """A record for one video: the score, or ``{"file", "error"}`` with the reason. Any exception of
+    the video's becomes its error record (an unexpected type also prints its traceback); CUDA
+    out-of-memory too (views too large for the GPU: a smaller --views-per-forward may fit). What is
+    not the video's propagates: KeyboardInterrupt, SystemExit, and a device failure as DeviceError."""
+    import torch
+
     from qalign_kvq.video import VideoError
 
     try:
         record = scorer.score(path).to_record()
     except VideoError as err:
         return {"file": name, "error": err.reason}
+    except torch.OutOfMemoryError as err:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        first = str(err).splitlines()[0] if str(err) else ""
+        return {"file": name, "error": f"OutOfMemoryError: {first} (try --views-per-forward with fewer views)"}
+    except torch.AcceleratorError as err:
+        raise DeviceError(f"{name}: {err}") from err
     except (OSError, ValueError, RuntimeError) as err:
+        return {"file": name, "error": f"{type(err).__name__}: {err}"}
+    except Exception as err:  # noqa: BLE001 (a bug met on this file: record it, go on with the others)
+        print(f"unexpected {type(err).__name__} scoring {name} (recorded as its error):", file=sys.stderr)
+        traceback.print_exc()
         return {"file": name, "error": f"{type(err).__name__}: {err}"}
     record["file"] = name
     return record
+
+
+def plan_batch(args) -> dict:
+    """Process 0's view of the run: repair and merge what an interrupted run left, then the input
+    names, what is left to score as ``(name, absolute path)`` and a token for the shared-folder
+    check; ``{"error": reason}`` for a usage error."""
+    try:
+        inputs = collect_inputs(args.videos, args.root)
+    except UsageError as err:
+        return {"error": str(err)}
+    if not inputs:
+        return {"error": f"no videos found in {args.videos}"}
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    records = records_path(output)
+    order = {name: i for i, (name, _) in enumerate(inputs)}
+    for path in [records, *part_files(records)]:
+        repair_tail(path)
+    merge_parts(records, order)  # leftovers of an interrupted multi-process run
+    if args.retry_errors:
+        drop_errors(records, list(order))
+    done = {r["file"] for r in read_records(records)}
+    todo = [(name, str(path.absolute())) for name, path in inputs if name not in done]
+    return {"names": list(order), "todo": todo, "token": secrets.token_hex(8)}
 
 
 def run_batch(args) -> int:
@@ -179,59 +181,52 @@ def run_batch(args) -> int:
     from accelerate.utils import parse_flag_from_env
     from tqdm import tqdm
 
+    from qalign_kvq.distributed import broadcast
+
     # cpu=True lets `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` run several CPU processes (gloo)
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu, timeout=timedelta(hours=48))
-    inputs = collect_inputs(args.videos, args.root)
-    if not inputs:
-        raise UsageError(f"no videos found in {args.videos}")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    records = records_path(output)
-    order = {name: i for i, name in enumerate(n for n, _ in inputs)}
     distributed = state.num_processes > 1
-    if state.is_main_process:
-        for path in [records, *part_files(records)]:
-            repair_tail(path)
-        merge_parts(records, order)  # leftovers of an interrupted multi-process run
-        if args.retry_errors:
-            kept = [r for r in read_records(records) if not ("error" in r and r["file"] in order)]
-            write_text_atomic(records, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    state.wait_for_everyone()
-    done = {r["file"] for path in [records, *part_files(records)] for r in read_records(path)}
-    todo = [(name, path) for name, path in inputs if name not in done]
-    mine = todo[state.process_index::state.num_processes]
-    target = records.with_name(f"{records.name}.part{state.process_index}") if distributed else records
-    if distributed:
-        print(f"process {state.process_index}/{state.num_processes}: {len(mine)} of {len(todo)} videos to score",
-              file=sys.stderr)
-    scorer = build_scorer(args, device=state.device if distributed else None)
-    for name, path in tqdm(mine, desc=f"scoring [{state.process_index}]" if distributed else "scoring",
-                           unit="video", disable=args.no_progress or not state.is_local_main_process):
-        append_record(target, score_one(scorer, name, path))
-    state.wait_for_everyone()
-    failed = 0
-    if state.is_main_process:
-        merge_parts(records, order)
-        final = read_records(records)
-        canonical = sorted(final, key=lambda r: order.get(r["file"], -1))  # older names first, then input order
-        if canonical != final:  # e.g. parts of an interrupted multi-process run were merged first
-            write_text_atomic(records, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in canonical))
-            final = canonical
+    try:
+        plan = broadcast(plan_batch(args) if state.is_main_process else None)  # one to-do list for all
+        if "error" in plan:
+            raise UsageError(plan["error"])
+        output = Path(args.output)
+        records = records_path(output)
+        if distributed and (reason := check_shared_folder(records.parent, plan["token"])):
+            raise UsageError(f"{records.parent.absolute()} is not one folder shared by all {state.num_processes} "
+                             f"processes: {reason}. Scoring with several processes needs --output on storage every "
+                             "node sees (each process writes <output>.part<rank> there and process 0 merges them)")
+        todo = [(name, Path(path)) for name, path in plan["todo"]]
+        mine = todo[state.process_index::state.num_processes]
+        target = part_path(records, state.process_index) if distributed else records
+        if distributed:
+            print(f"process {state.process_index}/{state.num_processes}: {len(mine)} of {len(todo)} videos to score",
+                  file=sys.stderr)
+        scorer = build_scorer(args, device=state.device if distributed else None)
+        for name, path in tqdm(mine, desc=f"scoring [{state.process_index}]" if distributed else "scoring",
+                               unit="video", disable=args.no_progress or not state.is_local_main_process):
+            append_record(target, score_one(scorer, name, path))
+        state.wait_for_everyone()
+        # process 0 counts what every process wrote (part files opened by name) and tells all of them
+        summary = broadcast(tally(records, plan["names"], state.num_processes) if state.is_main_process else None)
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            state.destroy_process_group()  # the last collective is behind; a clean exit for gloo's threads
+    if state.is_main_process:  # the merge and the CSV: process 0 alone, after the last collective
+        final = merge_parts(records, {name: i for i, name in enumerate(plan["names"])},
+                            [part_path(records, r) for r in range(state.num_processes)] if distributed else [])
         if output != records:
             write_submission_csv(output, final)
-        errors = [r for r in final if "error" in r and r["file"] in order]
-        failed = len(errors)
-        scored = sum(1 for r in final if "error" not in r and r["file"] in order)
-        print(f"{scored} scored, {failed} failed, {len(todo)} this run -> {output}", file=sys.stderr)
-        for record in errors[:20]:
+        failed, missing = summary["errors"], summary["missing"]
+        print(f"{summary['scored']} scored, {len(failed)} failed, {len(missing)} without a record, "
+              f"{len(todo)} this run -> {output}", file=sys.stderr)
+        for record in failed[:20]:
             print(f"  failed: {record['file']}: {record['error']}", file=sys.stderr)
-    if distributed:  # every process exits with the same code
-        from accelerate.utils import broadcast_object_list
-
-        failed = broadcast_object_list([failed], from_process=0)[0]
-        state.destroy_process_group()  # a clean shutdown: gloo threads left running can abort the exit
-    return 1 if failed else 0
+        for name in missing[:20]:
+            print(f"  no record: {name} (was its part file written where process 0 cannot see it?)",
+                  file=sys.stderr)
+    return 1 if summary["errors"] or summary["missing"] else 0
 
 
 def run_single(args) -> int:
@@ -249,7 +244,7 @@ def run_calibrate(args) -> int:
     from qalign_kvq.checkpoint import META_FILE
     from qalign_kvq.evaluate import read_scores
 
-    dirs = [Path(m) for m in args.model]
+    dirs = [Path(m) for m in args.model or [DEFAULT_MODEL]]
     for d in dirs:
         if not (d / META_FILE).is_file():
             raise UsageError(f"{d}: calibration is stored with the model: pass a local qalign-kvq checkpoint dir")
@@ -289,16 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--videos", nargs="+", help="video files, folders and/or CSVs (filename column)")
     what.add_argument("--calibrate", metavar="TRUTH_CSV",
                       help="fit scores -> MOS on a filename,score CSV and store it with the model")
-    p.add_argument("--model", nargs="+", action="extend", required=True,
-                   help="checkpoint dir or hub id (several: an ensemble)")
+    p.add_argument("--model", nargs="+", action="extend",
+                   help=f"checkpoint dir or hub id (several: an ensemble); default: {DEFAULT_MODEL}")
     p.add_argument("--model-weight", nargs="+", action="extend", type=float, help="one weight per --model")
     p.add_argument("--output", help="JSONL or CSV (filename,score) file for --videos")
     p.add_argument("--root", help="base folder of the names in CSVs / folders")
-    p.add_argument("--frames", type=int, default=12, help="evenly spaced frames per video (default 12)")
-    p.add_argument("--crop-ratio", type=float, default=0.8, help="FiveCrop size as a share of each side (0.8)")
-    p.add_argument("--center-weight", type=float, default=2.0, help="weight of the centre crop (corners: 1)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="scoring protocol (default: the checkpoint's; kvq for fine-tuned, authors for public ones)")
+    p.add_argument("--frames", type=int, help="evenly spaced frames per video (kvq: 12)")
+    p.add_argument("--fps", type=float, help="frames per second of the whole video instead (authors: the family's rate)")
+    p.add_argument("--max-frames", type=int, help="at most this many frames with --fps (default: what the context holds)")
+    p.add_argument("--views", choices=["five_crop", "full"], help="FiveCrop views or the whole frame")
+    p.add_argument("--scale", choices=["mos", "levels"], help="score on the training MOS scale or as the expected level")
+    p.add_argument("--crop-ratio", type=float, help="FiveCrop size as a share of each side (kvq: 0.8)")
+    p.add_argument("--center-weight", type=float, help="weight of the centre crop, corners 1 (kvq: 2)")
     p.add_argument("--include-full", action="store_true", help="add the uncropped frames as a sixth view")
     p.add_argument("--crop-sandwich", action="store_true", help="crop detected sandwich videos to their content band")
+    p.add_argument("--frame-pixels", type=int,
+                   help="per-frame pixel budget (default: the one stored with the checkpoint / the model's own)")
     p.add_argument("--views-per-forward", type=int, help="views per model forward (default: all views at once)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
@@ -315,12 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.model_weight and len(args.model_weight) != len(args.model):
-            raise UsageError(f"{len(args.model_weight)} --model-weight values for {len(args.model)} --model")
+        if args.model_weight and len(args.model_weight) != len(args.model or [DEFAULT_MODEL]):
+            raise UsageError(f"{len(args.model_weight)} --model-weight values for {len(args.model or [1])} --model")
         if args.videos and not args.output:
             raise UsageError("--videos needs --output FILE (.jsonl or .csv)")
-        if args.frames < 1 or not 0 < args.crop_ratio <= 1 or args.center_weight < 0:
-            raise UsageError("need --frames >= 1, 0 < --crop-ratio <= 1, --center-weight >= 0")
+        if ((args.frames is not None and args.frames < 1) or (args.crop_ratio is not None and not 0 < args.crop_ratio <= 1)
+                or (args.center_weight is not None and args.center_weight < 0) or (args.fps is not None and args.fps <= 0)
+                or (args.max_frames is not None and args.max_frames < 1)
+                or (args.frame_pixels is not None and args.frame_pixels < 1)):
+            raise UsageError("need --frames >= 1, --fps > 0, --max-frames >= 1, 0 < --crop-ratio <= 1, "
+                             "--center-weight >= 0, --frame-pixels >= 1")
         if args.video:
             return run_single(args)
         if args.calibrate:
@@ -329,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DeviceError as err:
+        print(f"error: device failure, stopped: {err}. The records written so far are kept; a rerun scores the "
+              "rest", file=sys.stderr)
+        return 3
     except (OSError, ValueError) as err:  # model loading: missing dir, bad checkpoint, unknown family
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

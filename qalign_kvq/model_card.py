@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from qalign_kvq.checkpoint import CheckpointMeta
+from qalign_kvq.plots import RUN_PICTURES
 
 CARD_FILE = "README.md"
 #: First body line of a generated card; a card without it was written by hand and is kept on push.
@@ -92,19 +94,35 @@ def _level_rows(meta: CheckpointMeta) -> list[str]:
     bounds = [meta.mos_low, *meta.bin_edges, meta.mos_high]
     rows = []
     for i, word in enumerate(meta.level_words):
-        level = len(meta.level_words) - i  # words are best first: 5 .. 1
+        level = len(meta.level_words) - i  # words are best first: N .. 1
         low, high = bounds[level - 1], bounds[level]
         interval = f"[{low:.4g}, {high:.4g}]" if level == 1 else f"({low:.4g}, {high:.4g}]"
         rows.append(f"| {level} | {word} | {interval} |")
     return rows
 
 
+def _count(meta: CheckpointMeta) -> str:
+    return "five" if len(meta.level_words) == 5 else str(len(meta.level_words))
+
+
+def _score_map(meta: CheckpointMeta) -> str:
+    """How a level score maps to the MOS scale (Q-Align's 5..1 scores, or the checkpoint's own)."""
+    low, width, scores = meta.mos_low, meta.scale.width, meta.scores
+    if scores == (5.0, 4.0, 3.0, 2.0, 1.0):
+        return f"A level score s in [1, 5] maps to MOS = {low:.4g} + (s - 0.5) * {width:.4g}."
+    step = (scores[0] - scores[-1]) / (len(scores) - 1)
+    return (f"The words score {', '.join(f'{v:.4g}' for v in scores)} (best first); a level score s maps to "
+            f"MOS = {low:.4g} + ((s - {scores[-1]:.4g}) / {step:.4g} + 0.5) * {width:.4g}.")
+
+
 def _value(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -> str:
-    """The Markdown text of the card (no metadata)."""
+def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False,
+              pictures: Sequence[str] = ()) -> str:
+    """The Markdown text of the card (no metadata). ``pictures``: files of :data:`RUN_PICTURES`
+    that sit beside the card (shown by relative links, so they must be pushed with it)."""
     base = card_base_model(meta)
     kind = "a LoRA adapter (peft) over its base model" if is_adapter else "full model weights (safetensors)"
     lines = [
@@ -114,12 +132,16 @@ def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -
         "",
         f"A video quality scorer made with qalign-kvq the Q-Align way: the "
         f"`{meta.family}` model answers \"{meta.answer_prefix} <level>.\" and its score is the "
-        "expected level under the softmax over the five level words, mapped to the MOS scale.",
+        f"expected level under the softmax over the {_count(meta)} level words, mapped to the MOS scale.",
         "",
         f"- Base model: `{base}`" if base else "- Base model: not recorded",
         f"- Weights: {kind}",
         f"- Frames per clip in training: {meta.train_frames}",
         f"- Prompt: \"{meta.question}\"",
+        f"- Family options: {_value(meta.family_options or {})}"
+        + (f" (at most {meta.family_options['frame_pixels']:,} pixels a frame)"
+           if isinstance((meta.family_options or {}).get("frame_pixels"), int) else ""),
+        f"- Scoring protocol: `{meta.protocol}` (`python -m qalign_kvq.infer --model {model_name} --video x.mp4`)",
         "",
     ]
     if meta.recipe:
@@ -129,9 +151,8 @@ def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -
     lines += [
         "## Level mapping",
         "",
-        f"MOS range [{meta.mos_low:.4g}, {meta.mos_high:.4g}] split into five equal bins "
-        f"(inner edges {', '.join(f'{e:.4g}' for e in meta.bin_edges)}). A level score s in [1, 5] maps "
-        f"to MOS = {meta.mos_low:.4g} + (s - 0.5) * {meta.scale.width:.4g}.",
+        f"MOS range [{meta.mos_low:.4g}, {meta.mos_high:.4g}] split into {_count(meta)} equal bins "
+        f"(inner edges {', '.join(f'{e:.4g}' for e in meta.bin_edges)}). {_score_map(meta)}",
         "",
         "| level | word | MOS bin |",
         "|---|---|---|",
@@ -151,6 +172,9 @@ def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -
             "| " + " | ".join(f"{value:.4f}" for _, value in pairs) + " |",
             "",
         ]
+    if pictures:
+        lines += ["## Training", ""]
+        lines += [f"![{RUN_PICTURES.get(name, name)}]({name})\n" for name in pictures]
     lines += [
         "## Use",
         "",
@@ -170,10 +194,11 @@ def card_body(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -
     return "\n".join(lines)
 
 
-def build_model_card(meta: CheckpointMeta, model_name: str, is_adapter: bool = False) -> ModelCard:
+def build_model_card(meta: CheckpointMeta, model_name: str, is_adapter: bool = False,
+                     pictures: Sequence[str] = ()) -> ModelCard:
     """The card of a checkpoint; ``model_name`` is its repo id (``ORG/NAME``) or a display name."""
     data = build_card_data(meta, model_name, is_adapter)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(meta, model_name, is_adapter)}")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(meta, model_name, is_adapter, pictures)}")
 
 
 def is_generated_card(path: str | os.PathLike) -> bool:
@@ -185,13 +210,15 @@ def is_generated_card(path: str | os.PathLike) -> bool:
 
 
 def write_model_card(directory: str | os.PathLike, model_name: str, overwrite_manual: bool = False) -> Path:
-    """Write ``README.md`` into a checkpoint directory from its ``qalign_kvq.json``. A hand-written
-    card is kept unless ``overwrite_manual`` (see :func:`is_generated_card`)."""
+    """Write ``README.md`` into a checkpoint directory from its ``qalign_kvq.json``, showing the run's
+    pictures found there. A hand-written card is kept unless ``overwrite_manual`` (see
+    :func:`is_generated_card`)."""
     directory = Path(directory)
     path = directory / CARD_FILE
     if path.is_file() and not overwrite_manual and not is_generated_card(path):
         return path
     meta = CheckpointMeta.load(directory)
     is_adapter = (directory / "adapter_config.json").is_file()
-    build_model_card(meta, model_name, is_adapter).save(path)
+    pictures = [name for name in RUN_PICTURES if (directory / name).is_file()]
+    build_model_card(meta, model_name, is_adapter, pictures).save(path)
     return path

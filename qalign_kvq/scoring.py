@@ -1,38 +1,59 @@
-"""Level probabilities -> scores; the self-ensemble over the views of one video and over models.
+"""Level probabilities -> scores; scoring protocols; the self-ensemble over the views of one video
+and over models.
 
-A model scores a clip by the softmax over the five level-token logits at the answer position; the
-expected level (:func:`qalign_kvq.levels.expected_score`) is the score in [1, 5], mapped to the
-training MOS scale by the level range stored with the checkpoint, or by its calibration (an affine
-map ``mos = a * score_1_5 + b`` fitted by ``infer --calibrate``). The uncertainty is the std of the
-level distribution, in level units.
+A model scores a clip by the softmax over its level-token logits at the answer position (Q-Align's
+five words, or the checkpoint's own vocabulary); the expected level score
+(:func:`qalign_kvq.levels.expected_score` with the checkpoint's level scores, 5..1 by default) is
+the score in [1, 5]. On the ``mos`` scale it is mapped to the training MOS scale by the level range
+stored with the checkpoint, or by its calibration (an affine map ``mos = a * score_1_5 + b`` fitted
+by ``infer --calibrate``); on the ``levels`` scale the score is the expected level itself. The
+uncertainty is the std of the level distribution, in score units.
 
-Self-ensemble: ``frames`` evenly spaced frames, optionally cropped to the content band of a
-sandwich video, cut into the five crops (each crop one ``(T, h, w, 3)`` clip); all views of one
-video go through the model as ONE batch, and their level probabilities are averaged with the view
-weights (centre heavier). Several models: their scores are averaged on the MOS scale with weights.
+A *protocol* (:class:`ViewOptions`, named in :data:`PROTOCOLS`) says which frames and views a video
+is scored on and on which scale:
+
+* ``kvq``: the KVQ self-ensemble (BDVQAGroup's): 12 evenly spaced frames, optionally cropped to
+  the content band of a sandwich video, cut into the five crops (each crop one ``(T, h, w, 3)``
+  clip), their level probabilities averaged with the centre weighted 2:1; MOS scale. What a
+  fine-tuned checkpoint stores.
+* ``authors``: how the model's authors score a video with a public checkpoint: whole frames at the
+  family's rate (Q-Align: 1 frame a second, ``floor(duration)`` frames, as its ``load_video``),
+  capped at what the model's context holds, one view, the expected level as the score.
+
+All views of one video go through the model as ONE batch. Several models: their scores are
+averaged on the scale of the protocol with weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from qalign_kvq.checkpoint import CheckpointMeta
+from qalign_kvq.families.base import ANSWER_PREFIX, ClipTiming
 from qalign_kvq.levels import LEVEL_WORDS, expected_score, score_std
 from qalign_kvq.modeling import level_probs
 from qalign_kvq.video.crops import DEFAULT_VIEW_RATIO, five_crop_views, view_weights
+from qalign_kvq.video.sampling import per_second_indices, uniform_indices
 from qalign_kvq.video.sandwich import detect_sandwich
+
+
+SCALES = ("mos", "levels")
+VIEW_KINDS = ("five_crop", "full")
 
 
 @dataclass
 class ViewOptions:
-    """Self-ensemble settings: frames per video, crop size (share of each side), centre weight
-    (corners weigh 1), whether the uncropped frames are a sixth view, whether a detected sandwich
-    video is cropped to its content band (off by default: training sees the whole canvas), and
-    views per forward (None: all views in one)."""
+    """A scoring protocol. Frames: ``frames`` evenly spaced, or with ``fps`` that many frames per
+    second of the video (at most ``max_frames``; None: what the model's context holds). Views:
+    ``five_crop`` (crops of ``crop_ratio`` of each side, centre weighted ``center_weight`` against
+    1 for the corners, the uncropped frames as a sixth view with ``include_full``) or ``full``.
+    ``crop_sandwich`` first crops a detected sandwich video to its content band (off by default:
+    training sees the whole canvas). ``scale``: ``mos`` or ``levels`` (the expected level).
+    ``batch_size``: views per forward (None: all in one)."""
 
     frames: int = 12
     crop_ratio: float = DEFAULT_VIEW_RATIO
@@ -40,6 +61,48 @@ class ViewOptions:
     include_full: bool = False
     crop_sandwich: bool = False
     batch_size: int | None = None
+    fps: float | None = None
+    max_frames: int | None = None
+    views: str = "five_crop"
+    scale: str = "mos"
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.views not in VIEW_KINDS or self.scale not in SCALES:
+            raise ValueError(f"views must be one of {VIEW_KINDS} and scale one of {SCALES}; got {self.views!r}, "
+                             f"{self.scale!r}")
+        if self.frames < 1 or not 0 < self.crop_ratio <= 1 or self.center_weight < 0:
+            raise ValueError("need frames >= 1, 0 < crop_ratio <= 1, center_weight >= 0")
+        if (self.fps is not None and not self.fps > 0) or (self.max_frames is not None and self.max_frames < 1):
+            raise ValueError(f"fps must be > 0 and max_frames >= 1; got {self.fps}, {self.max_frames}")
+
+    def frame_indices(self, num_frames: int, video_fps: float, context_frames: int | None = None) -> list[int]:
+        """Which frames of a video of ``num_frames`` frames at ``video_fps`` this protocol reads."""
+        if self.fps is None:
+            return uniform_indices(num_frames, self.frames)
+        return per_second_indices(num_frames, video_fps, self.fps, self.max_frames or context_frames)
+
+
+#: Named protocols. ``authors`` takes its frame rate from the family (``Family.authors_fps``).
+PROTOCOLS = {
+    "kvq": ViewOptions(name="kvq"),
+    "authors": ViewOptions(name="authors", fps=1.0, views="full", scale="levels"),
+}
+
+
+def protocol(name: str, family=None, **overrides) -> ViewOptions:
+    """The named protocol (``kvq``, ``authors``) for a family, with ``overrides`` (ViewOptions
+    fields); its ``name`` lists the overrides that change it, e.g. ``kvq[frames=8]``."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown scoring protocol {name!r}; known: {', '.join(PROTOCOLS)}")
+    base = PROTOCOLS[name]
+    if name == "authors" and family is not None:
+        base = replace(base, fps=family.authors_fps)
+    if "frames" in overrides and "fps" not in overrides:
+        overrides = {**overrides, "fps": None}  # a frame count asks for evenly spaced frames
+    changed = {k: v for k, v in sorted(overrides.items()) if k != "batch_size" and v != getattr(base, k)}
+    label = name + ("[" + ",".join(f"{k}={v}" for k, v in changed.items()) + "]" if changed else "")
+    return replace(base, **overrides, name=label)
 
 
 @dataclass
@@ -54,7 +117,8 @@ class Views:
 
 
 def make_views(clip: np.ndarray, options: ViewOptions) -> Views:
-    """Sandwich crop (when detected and enabled), then FiveCrop shared by all frames."""
+    """Sandwich crop (when detected and enabled), then FiveCrop shared by all frames, or the whole
+    clip as the only view (``views="full"``)."""
     box = None
     if options.crop_sandwich:
         info = detect_sandwich(clip)
@@ -62,6 +126,8 @@ def make_views(clip: np.ndarray, options: ViewOptions) -> Views:
             box = tuple(int(v) for v in info.box)
             top, bottom, left, right = box
             clip = clip[:, top:bottom, left:right]
+    if options.views == "full":
+        return Views(["full"], [clip], np.ones(1), box)
     crops = five_crop_views(clip, options.crop_ratio, include_full=options.include_full)
     weights = view_weights(options.center_weight, options.include_full)
     names = list(crops)
@@ -69,34 +135,47 @@ def make_views(clip: np.ndarray, options: ViewOptions) -> Views:
     return Views(names, [crops[n] for n in names], w / w.sum(), box)
 
 
-def single_view(clip: np.ndarray) -> Views:
-    """The whole clip as its only view (no crops)."""
-    return Views(["full"], [clip], np.ones(1))
+@dataclass
+class ViewScores:
+    """A model's level probabilities of views ``(n_views, n_levels)``, the visual tokens each view cost,
+    and the seconds spent in the processor and in the model."""
+
+    probs: np.ndarray
+    visual_tokens: list[int] | None
+    processor_s: float
+    model_s: float
 
 
 @torch.inference_mode()
 def clip_level_probs(model, processor, family, clips: Sequence[np.ndarray], level_ids: Sequence[int],
                      question: str, batch_size: int | None = None, device: torch.device | str = "cpu",
-                     dtype: torch.dtype | None = None) -> tuple[np.ndarray, float, float]:
-    """Level probabilities ``(len(clips), 5)`` of clips; ``batch_size`` clips per forward (None: all
-    in one). Also returns the seconds spent in the processor and in the model."""
+                     dtype: torch.dtype | None = None, timing: ClipTiming | None = None,
+                     answer_prefix: str = ANSWER_PREFIX) -> ViewScores:
+    """Level probabilities ``(len(clips), len(level_ids))`` of clips (views of one video, sharing
+    ``timing``); ``batch_size`` clips per forward (None: all in one)."""
     import time
 
     step = batch_size or len(clips)
-    out, t_proc, t_model = [], 0.0, 0.0
+    out, tokens, t_proc, t_model = [], [], 0.0, 0.0
     for start in range(0, len(clips), step):
         t0 = time.perf_counter()
-        inputs = family.build_inputs(processor, list(clips[start:start + step]), question).to(device, dtype)
+        part = list(clips[start:start + step])
+        inputs = family.build_inputs(processor, part, question, timings=[timing] * len(part),
+                                     answer_prefix=answer_prefix).to(device, dtype)
         t1 = time.perf_counter()
         probs = level_probs(model, inputs, list(level_ids))
         out.append(probs.float().cpu().numpy())
+        tokens = None if inputs.visual_tokens is None or tokens is None else tokens + inputs.visual_tokens
         t_proc += t1 - t0
         t_model += time.perf_counter() - t1
-    return np.concatenate(out).astype(np.float64), t_proc, t_model
+    return ViewScores(np.concatenate(out).astype(np.float64), tokens, t_proc, t_model)
 
 
-def to_mos(score_1_5: float | np.ndarray, meta: CheckpointMeta) -> np.ndarray:
-    """Score in [1, 5] -> MOS scale: the checkpoint's calibration when present, else its level range."""
+def to_mos(score_1_5: float | np.ndarray, meta: CheckpointMeta, scale: str = "mos") -> np.ndarray:
+    """Score in [1, 5] -> MOS scale: the checkpoint's calibration when present, else its level range;
+    on the ``levels`` scale the score in [1, 5] itself."""
+    if scale == "levels":
+        return np.asarray(score_1_5, dtype=float)
     if meta.calibration:
         return meta.calibration["a"] * np.asarray(score_1_5, dtype=float) + meta.calibration["b"]
     return meta.scale.to_mos(score_1_5)
@@ -118,12 +197,16 @@ class ModelScore:
     score: float
     uncertainty: float
     view_probs: np.ndarray = field(repr=False)
+    #: The level scores the probabilities are over (best first).
+    level_scores: tuple[float, ...] = (5.0, 4.0, 3.0, 2.0, 1.0)
 
     @classmethod
-    def from_view_probs(cls, view_probs: np.ndarray, weights: np.ndarray, meta: CheckpointMeta) -> ModelScore:
+    def from_view_probs(cls, view_probs: np.ndarray, weights: np.ndarray, meta: CheckpointMeta,
+                        scale: str = "mos") -> ModelScore:
         probs = combine_views(view_probs, weights)
-        s = float(expected_score(probs))
-        return cls(probs, s, float(to_mos(s, meta)), float(score_std(probs)), view_probs)
+        s = float(expected_score(probs, meta.scores))
+        return cls(probs, s, float(to_mos(s, meta, scale)), float(score_std(probs, meta.scores)), view_probs,
+                   meta.scores)
 
 
 def ensemble(scores: Sequence[ModelScore], weights: Sequence[float] | None = None) -> ModelScore:
@@ -133,10 +216,14 @@ def ensemble(scores: Sequence[ModelScore], weights: Sequence[float] | None = Non
     if len(w) != len(scores) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"need one non-negative weight per model ({len(scores)}), not all zero; got {list(w)}")
     w = w / w.sum()
+    if len({s.level_scores for s in scores}) > 1:
+        raise ValueError("the models have different level vocabularies: their level probabilities cannot be "
+                         "averaged; ensemble models trained with the same level words")
     probs = sum(wi * s.probs for wi, s in zip(w, scores))
     return ModelScore(probs=probs, score_1_5=float(sum(wi * s.score_1_5 for wi, s in zip(w, scores))),
                       score=float(sum(wi * s.score for wi, s in zip(w, scores))),
-                      uncertainty=float(score_std(probs)), view_probs=np.stack([s.probs for s in scores]))
+                      uncertainty=float(score_std(probs, scores[0].level_scores)),
+                      view_probs=np.stack([s.probs for s in scores]), level_scores=scores[0].level_scores)
 
 
 def probs_by_word(probs: np.ndarray, words: Sequence[str] = LEVEL_WORDS) -> dict[str, float]:

@@ -227,8 +227,9 @@ def bench_scoring(model, processor, family, bank: np.ndarray, device, dtype, vid
         _sync(device)
         t0 = time.perf_counter()
         views = make_views(clip, options)
-        probs, _, t_model = clip_level_probs(model, processor, family, views.clips, level_ids, DEFAULT_QUESTION,
-                                             None, device, dtype)
+        scored = clip_level_probs(model, processor, family, views.clips, level_ids, DEFAULT_QUESTION,
+                                  None, device, dtype)
+        probs, t_model = scored.probs, scored.model_s
         _sync(device)
         if i:
             totals.append(time.perf_counter() - t0)

@@ -61,11 +61,13 @@ def bench(video: Path, scorer: Scorer, repeats: int) -> dict[str, float]:
         t1 = time.perf_counter()
         views = make_views(clip, opts)
         t2 = time.perf_counter()
-        _, t_proc, t_model = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids,
-                                              lm.meta.question, None, scorer.device, scorer.dtype)
+        batched = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids,
+                                   lm.meta.question, None, scorer.device, scorer.dtype)
+        t_proc, t_model = batched.processor_s, batched.model_s
         t3 = time.perf_counter()
-        _, p1, m1 = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids,
-                                     lm.meta.question, 1, scorer.device, scorer.dtype)
+        per_view = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids,
+                                    lm.meta.question, 1, scorer.device, scorer.dtype)
+        p1, m1 = per_view.processor_s, per_view.model_s
         for key, value in (("decode", t1 - t0), ("views", t2 - t1), ("processor", t_proc), ("model", t_model),
                            ("batched", t3 - t2), ("per_view", p1 + m1), ("per_view_processor", p1),
                            ("per_view_model", m1)):

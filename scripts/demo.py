@@ -10,7 +10,8 @@ Each step is the real command-line tool a user runs (printed before it runs):
    evaluated with the challenge metrics (python -m qalign_kvq.evaluate),
 4. fine-tuning with `accelerate launch recipes/finetune.py recipes/configs/demo_cpu.yaml`,
 5. the fine-tuned model scored and evaluated the same way,
-6. one video scored, printing its JSON record,
+6. the fine-tuned model's test scatter (scatter.png) and the HTML report of its scored test set
+   (python -m qalign_kvq.report), one video scored, printing its JSON record,
 7. for reference, a small no-reference CNN (scripts/practice_baseline.py) trained on the same train
    split and evaluated the same way: what the labels allow a model with a visual prior to learn.
 The labels of the practice set are full-reference quality measures, not human opinion scores.
@@ -65,7 +66,8 @@ def evaluate(pred: Path, data: Path, out: Path, log: list, label: str) -> dict:
     metrics = out / "metrics.json"
     run([sys.executable, "-m", "qalign_kvq.evaluate", "--pred", str(pred), "--truth", str(data / "test.csv"),
          "--pairs-homologous", str(data / "test_pairs_homologous.csv"),
-         "--pairs-nonhomologous", str(data / "test_pairs_nonhomologous.csv"), "--json", str(metrics)],
+         "--pairs-nonhomologous", str(data / "test_pairs_nonhomologous.csv"), "--json", str(metrics),
+         "--plot", str(out / "scatter.png")],
         log, f"evaluate ({label})")
     return json.loads(metrics.read_text())
 
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
          "--val_pairs_nonhomologous", str(data / "val_pairs_nonhomologous.csv"),
          "--output_dir", str(model_dir)], log, "fine-tune (accelerate launch recipes/finetune.py)")
     after = score_and_evaluate(model_dir, data, out / "finetuned", log, "fine-tuned")
+    report = out / "finetuned" / "report.html"
+    run([py, "-m", "qalign_kvq.report", str(out / "finetuned" / "prediction.csv"), "--root", str(data),
+         "--output", str(report), "--no-progress"], log, "report of the scored test set (python -m qalign_kvq.report)")
     first_test = (data / "test.csv").read_text().splitlines()[1].split(",")[0]
     run([py, "-m", "qalign_kvq.infer", "--model", str(model_dir), "--video", str(data / first_test)], log,
         "score one video")
@@ -115,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, seconds, cpu in log:
         print(f"{seconds:8.1f} s wall {cpu:8.1f} s CPU  {label}")
     print(f"{sum(t for _, t, _ in log):8.1f} s wall {sum(c for _, _, c in log):8.1f} s CPU  in all")
-    print(f"\nwritten under {out}:\n  data/ (practice set)  model/ (fine-tuned checkpoint)  "
-          "untrained/, finetuned/ and reference/ (prediction.csv, metrics.json)")
+    print(f"\nwritten under {out}:\n  data/ (practice set)  model/ (fine-tuned checkpoint, its model card and "
+          "training_curves.png)\n  untrained/, finetuned/ and reference/ (prediction.csv, metrics.json, scatter.png)")
+    print(f"look at:\n  {out / 'finetuned' / 'scatter.png'}   the fine-tuned model's test scores against the labels\n"
+          f"  {report}   the scored test videos (open in a browser)\n"
+          f"  {model_dir / 'training_curves.png'}   training loss and validation metrics")
     return 0
 
 

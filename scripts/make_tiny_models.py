@@ -87,8 +87,9 @@ _INTERNVL_TEMPLATE = (
 )
 
 
-def _train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level BPE (Qwen2 pre-tokenizer) trained on :data:`_CORPUS`: ``(vocab, merges)``."""
+def _train_bpe(level_words: tuple[str, ...] = LEVEL_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE (Qwen2 pre-tokenizer) trained on :data:`_CORPUS` (plus the answers with
+    ``level_words`` beyond the five): ``(vocab, merges)``."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -99,23 +100,26 @@ def _train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     ])
     trainer = trainers.BpeTrainer(vocab_size=_BPE_VOCAB_SIZE, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    extra = [f"The quality of the video is {word}." for word in level_words if word not in LEVEL_WORDS]
+    tokenizer.train_from_iterator((_CORPUS + extra) * 20, trainer=trainer)
     model = json.loads(tokenizer.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     return model["vocab"], merges
 
 
-def _qwen_tokenizer(extra_special: list[str], chat_template: str, **kwargs):
-    """A ``Qwen2Tokenizer`` over the trained BPE, with the Qwen special tokens plus ``extra_special``."""
+def _qwen_tokenizer(extra_special: list[str], chat_template: str, level_words: tuple[str, ...] = LEVEL_WORDS,
+                    **kwargs):
+    """A ``Qwen2Tokenizer`` over the trained BPE, with the Qwen special tokens plus ``extra_special``;
+    every " <level word>" is one token."""
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = _train_bpe()
+    vocab, merges = _train_bpe(level_words)
     specials = [t for t in QWEN_SPECIALS + extra_special if t not in vocab]
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                extra_special_tokens=kwargs.pop("extra_special_tokens", None), **kwargs)
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     tokenizer.chat_template = chat_template
-    for word in LEVEL_WORDS:
+    for word in level_words:
         if len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) != 1:
             raise RuntimeError(f"tiny tokenizer: ' {word}' is not a single token")
     return tokenizer
@@ -143,11 +147,12 @@ def _qwen_pixel_range(factor: int, frame_tokens: int = FRAME_TOKENS) -> dict[str
     return {"shortest_edge": factor * factor * 4, "longest_edge": factor * factor * frame_tokens}
 
 
-def _qwen2_family(config_class, processor_class, vision_config: dict, frame_tokens: int):
+def _qwen2_family(config_class, processor_class, vision_config: dict, frame_tokens: int,
+                  level_words: tuple[str, ...] = LEVEL_WORDS):
     """Qwen2-VL and Qwen2.5-VL: the same tokenizer, processors and text model; their own vision tower."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    tokenizer = _qwen_tokenizer([], _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "true"))
+    tokenizer = _qwen_tokenizer([], _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "true"), level_words)
     size = _qwen_pixel_range(28, frame_tokens)
     processor = processor_class(image_processor=Qwen2VLImageProcessor(size=size),
                                 video_processor=Qwen2VLVideoProcessor(size=size, cap_pixels_per_frame=True),
@@ -159,28 +164,31 @@ def _qwen2_family(config_class, processor_class, vision_config: dict, frame_toke
     return config, processor
 
 
-def _qwen2_vl(frame_tokens: int = FRAME_TOKENS):
+def _qwen2_vl(frame_tokens: int = FRAME_TOKENS, level_words: tuple[str, ...] = LEVEL_WORDS):
     from transformers import Qwen2VLConfig, Qwen2VLProcessor
 
     return _qwen2_family(Qwen2VLConfig, Qwen2VLProcessor,
-                         {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2}, frame_tokens)
+                         {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2}, frame_tokens,
+                         level_words)
 
 
-def _qwen2_5_vl(frame_tokens: int = FRAME_TOKENS):
+def _qwen2_5_vl(frame_tokens: int = FRAME_TOKENS, level_words: tuple[str, ...] = LEVEL_WORDS):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
 
     return _qwen2_family(Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
                          {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-                          "window_size": 56, "fullatt_block_indexes": [1]}, frame_tokens)
+                          "window_size": 56, "fullatt_block_indexes": [1]}, frame_tokens, level_words)
 
 
-def _qwen3_vl(frame_tokens: int = FRAME_TOKENS):
+def _qwen3_vl(frame_tokens: int = FRAME_TOKENS, level_words: tuple[str, ...] = LEVEL_WORDS):
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    tokenizer = _qwen_tokenizer([], _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"))
+    tokenizer = _qwen_tokenizer([], _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"), level_words)
     size = _qwen_pixel_range(32, frame_tokens)
+    # Qwen3-VL's video size is a budget for the whole clip; the per-frame ceiling is max_video_tokens
+    video_processor = Qwen3VLVideoProcessor(size=size, cap_pixels_per_frame=True, max_video_tokens=frame_tokens)
     processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(size=size, patch_size=16),
-                                 video_processor=Qwen3VLVideoProcessor(size=size, cap_pixels_per_frame=True),
+                                 video_processor=video_processor,
                                  tokenizer=tokenizer, chat_template=tokenizer.chat_template)
     text = _text_config(tokenizer, head_dim=16, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
@@ -267,7 +275,7 @@ def _build_mplug_owl2(out: Path) -> Path:
 
 
 def build_tiny_model(family: str, out_dir: str | Path, frame_tokens: int = FRAME_TOKENS,
-                     vision_init_std: float | None = None) -> Path:
+                     vision_init_std: float | None = None, level_words: tuple[str, ...] | None = None) -> Path:
     """Build the tiny model of ``family`` into ``out_dir/<family>`` and return that directory.
 
     ``frame_tokens`` (Qwen families only) is the most visual tokens per frame the processor makes
@@ -275,7 +283,10 @@ def build_tiny_model(family: str, out_dir: str | Path, frame_tokens: int = FRAME
     of a 9:16 frame, 64 about 168x294 px. ``vision_init_std`` (Qwen families only) replaces the
     vision tower's ``initializer_range`` (0.02, sized for a 1280-wide tower): at width 32 the default
     leaves the vision blocks near the identity, so the tower stays a linear patch projection that
-    cannot learn quality (a second-order statistic of the pixels); about 1/sqrt(32) = 0.2 can."""
+    cannot learn quality (a second-order statistic of the pixels); about 1/sqrt(32) = 0.2 can.
+    ``level_words`` (Qwen families only): a level vocabulary beyond the five words whose every
+    " <word>" the tokenizer makes one token, as the real Qwen vocabulary does for the recipes' words
+    (the default five leave the tokenizer, and the model, byte-identical)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     if frame_tokens != FRAME_TOKENS and family not in QWEN_FAMILIES:
@@ -283,6 +294,8 @@ def build_tiny_model(family: str, out_dir: str | Path, frame_tokens: int = FRAME
     if vision_init_std is not None and (family not in QWEN_FAMILIES or not vision_init_std > 0):
         raise ValueError(f"vision_init_std must be positive and applies to the Qwen families, "
                          f"got {vision_init_std} for {family!r}")
+    if level_words is not None and family not in QWEN_FAMILIES:
+        raise ValueError(f"level_words applies to the Qwen families ({', '.join(QWEN_FAMILIES)}), not {family!r}")
     if frame_tokens < 4:
         raise ValueError(f"frame_tokens must be at least 4 (the processor's 2x2 minimum), got {frame_tokens}")
     out = Path(out_dir) / family
@@ -291,7 +304,9 @@ def build_tiny_model(family: str, out_dir: str | Path, frame_tokens: int = FRAME
         return _build_mplug_owl2(out)
     from transformers import AutoModelForImageTextToText
 
-    config, processor = _BUILDERS[family](frame_tokens) if family in QWEN_FAMILIES else _BUILDERS[family]()
+    words = tuple(level_words) if level_words is not None else LEVEL_WORDS
+    config, processor = (_BUILDERS[family](frame_tokens, words) if family in QWEN_FAMILIES
+                         else _BUILDERS[family]())
     if vision_init_std is not None:
         config.vision_config.initializer_range = vision_init_std
     torch.manual_seed(SEED)
@@ -313,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-init-std", type=float, default=None,
                         help="vision tower initializer_range, Qwen families only (default: the config's 0.02; "
                              "0.2 gives the tiny tower blocks that learn, see build_tiny_model)")
+    parser.add_argument("--level-words", nargs="+", default=None,
+                        help="a level vocabulary beyond the five words, each made one token, Qwen families only")
     args = parser.parse_args(argv)
     for family in args.family or FAMILIES:
-        path = build_tiny_model(family, args.out, args.frame_tokens, args.vision_init_std)
+        path = build_tiny_model(family, args.out, args.frame_tokens, args.vision_init_std,
+                                tuple(args.level_words) if args.level_words else None)
         print(f"{family}: {path}")
     return 0
 

@@ -176,3 +176,19 @@ def test_bench_vision_attention_smoke_compares_packed_and_stock(tmp_path):
     assert report["max_abs_diff"] < 1e-5 < report["output_max_abs"]
     assert report["block_diagonal"]["max_abs_diff"] < 1e-5
     assert "packed" in run.stdout and "block-diagonal" in run.stdout.splitlines()[-1]
+
+
+def test_bench_padding_measures_the_padding_of_each_batching(tmp_path):
+    out = tmp_path / "padding.json"
+    _run(["scripts/bench_padding.py", "--sources", "4", "--frames", "4", "--batch-size", "2", "--work",
+          str(tmp_path / "work"), "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"shuffle", "group_by_length", "source_group_size", "both"}
+    assert report["rows"] == 14 and len(report["distinct_lengths"]) >= 2  # full-size and down-scaled versions
+    for r in results.values():
+        assert 0 <= r["predicted_padding_share"] <= r["padding_share"] < 1 and r["batches"] == 7
+    # one-length batches (all but the left-overs of each length) cut the padding
+    assert results["group_by_length"]["padding_share"] < results["shuffle"]["padding_share"]
+    assert results["group_by_length"]["predicted_padding_share"] < results["shuffle"]["predicted_padding_share"]
+    assert results["source_group_size"]["homologous_pairs"] >= 6 > results["shuffle"]["homologous_pairs"]

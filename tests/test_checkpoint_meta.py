@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -14,6 +15,15 @@ def test_meta_round_trip_records_range_and_bins(tmp_path):
     assert stored["level_words"] == ["excellent", "good", "fair", "poor", "bad"]
     assert CheckpointMeta.load(tmp_path) == meta
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write leaves no temporary file
+
+
+def test_meta_file_gets_the_umasks_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        CheckpointMeta(family="qwen2_vl").save(tmp_path)
+    finally:
+        os.umask(old)
+    assert (tmp_path / META_FILE).stat().st_mode & 0o777 == 0o644  # others on a cluster can read it
 
 
 def test_not_a_checkpoint_and_bad_json_are_named(tmp_path):

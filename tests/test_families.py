@@ -103,9 +103,11 @@ def test_scoring_prompt_ends_at_the_level_position(family_name, setup):
     inputs = family.build_inputs(processor, [_moving_crop(4, 120, 160), _image()])
     ids = inputs.batch["input_ids"]
     assert inputs.level_positions.tolist() == [ids.shape[1] - 1] * 2  # left padding: last column
-    for row in range(2):
-        text = processor.tokenizer.decode(ids[row, : inputs.level_positions[row] + 1])
-        assert text.endswith(ANSWER_PREFIX)
+    texts = [processor.tokenizer.decode(ids[row, : inputs.level_positions[row] + 1]) for row in range(2)]
+    # Q-Align's wording: a video is asked about as a video, an image as an image
+    assert texts[0].endswith(ANSWER_PREFIX) and "quality of this video?" in texts[0]
+    assert texts[1].endswith("The quality of the image is") and "quality of this image?" in texts[1]
+    assert "video" not in texts[1].replace("<|video_pad|>", "")
 
 
 @ALL

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
-from qalign_kvq.families import DEFAULT_QUESTION, get_family
+from qalign_kvq.families import ANSWER_PREFIX, DEFAULT_QUESTION, get_family
 from qalign_kvq.families.base import answer_text
 from qalign_kvq.levels import LEVEL_WORDS
 from tests.training_support import ROOT, load_finetune, quality_set, write_csv  # noqa: F401 (fixture)
@@ -41,14 +41,23 @@ def _clips() -> list[np.ndarray]:
 def test_options_reach_the_constructor_and_unknown_ones_are_named():
     assert get_family("qwen2_5_vl", clip_fps=1.0).clip_fps == 1.0
     assert get_family("qwen3_vl").clip_fps == 2.0
-    assert get_family("mplug_owl2").prompt_layout == "image_first"  # the default trains as before
+    assert get_family("mplug_owl2").prompt_layout == "vicuna_v1"  # Q-Align's training conversation
     assert get_family("mplug_owl2", prompt_layout="question_first").prompt_layout == "question_first"
-    with pytest.raises(ValueError, match="model family 'mplug_owl2' has no option 'colour'; its options: prompt_layout"):
+    assert get_family("qwen2_5_vl", frame_pixels=200704).frame_pixels == 200704
+    with pytest.raises(ValueError, match="model family 'mplug_owl2' has no option 'colour'; its options: "
+                                         "prompt_layout, frame_pixels"):
         get_family("mplug_owl2", colour="red")
-    with pytest.raises(ValueError, match="model family 'internvl' has no option 'clip_fps'; its options: none"):
+    with pytest.raises(ValueError, match="model family 'internvl' has no option 'clip_fps'; its options: "
+                                         "prompt_layout, frame_pixels"):
         get_family("internvl", clip_fps=2)
-    with pytest.raises(ValueError, match="prompt_layout must be one of image_first, question_first, not 'sideways'"):
+    with pytest.raises(ValueError, match="llava_onevision: prompt_layout must be one of chat_template, qwen_1_5, "
+                                         "not 'vicuna_v1'"):
+        get_family("llava_onevision", prompt_layout="vicuna_v1")
+    with pytest.raises(ValueError, match="prompt_layout must be one of vicuna_v1, question_first, image_first, "
+                                         "not 'sideways'"):
         get_family("mplug_owl2", prompt_layout="sideways")
+    with pytest.raises(ValueError, match="frame_pixels must be a positive whole number of pixels, not -5"):
+        get_family("qwen2_vl", frame_pixels=-5)
 
 
 # ----- CheckpointMeta --------------------------------------------------------------------------
@@ -81,7 +90,7 @@ def test_plain_checkpoint_gets_the_zero_shot_options(tmp_path):
         directory.mkdir()
         (directory / "config.json").write_text(json.dumps({"model_type": model_type}))
         meta, family = load_meta(directory)
-        assert (meta.family, meta.family_options) == (model_type, options)
+        assert (meta.family, meta.family_options, meta.protocol) == (model_type, options, "authors")
         assert all(getattr(family, key) == value for key, value in options.items())
 
 
@@ -94,11 +103,26 @@ def test_question_first_is_q_align_scorer_prompt(mplug):
     assert prompt == full == Q_ALIGN_SCORER_PROMPT
     prompt, full = family.chat_texts(processor, DEFAULT_QUESTION, clip, "good")
     assert full == Q_ALIGN_SCORER_PROMPT + " good.</s>"
-    image_first, _ = get_family("mplug_owl2").chat_texts(processor, DEFAULT_QUESTION, clip, None)
+    image_first, _ = get_family("mplug_owl2", prompt_layout="image_first").chat_texts(processor, DEFAULT_QUESTION,
+                                                                                      clip, None)
     assert image_first == "USER: <|image|>\nHow would you rate the quality of this video? ASSISTANT: The quality of the video is"
+    vicuna, _ = get_family("mplug_owl2").chat_texts(processor, DEFAULT_QUESTION, clip, None)
+    assert vicuna == ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                      "helpful, detailed, and polite answers to the user's questions. USER: <|image|>\nHow would you "
+                      "rate the quality of this video? ASSISTANT: The quality of the video is")
 
 
-@pytest.mark.parametrize("layout", ["image_first", "question_first"])
+def test_old_mplug_checkpoints_keep_the_layout_they_trained_with(tmp_path):
+    from qalign_kvq.loading import load_meta
+
+    # format 1 stored only the options a recipe gave; mPLUG-Owl2 then trained image_first by default
+    (tmp_path / META_FILE).write_text(json.dumps({"family": "mplug_owl2", "family_options": {}, "format_version": 1}))
+    assert load_meta(tmp_path)[1].prompt_layout == "image_first"
+    CheckpointMeta(family="mplug_owl2").save(tmp_path)  # the current format stores every option
+    assert load_meta(tmp_path)[1].prompt_layout == "vicuna_v1"
+
+
+@pytest.mark.parametrize("layout", ["vicuna_v1", "image_first", "question_first"])
 def test_build_inputs_positions_and_labels_in_both_layouts(mplug, layout):
     _, processor = mplug
     tokenizer = processor.tokenizer
@@ -122,10 +146,11 @@ def test_build_inputs_positions_and_labels_in_both_layouts(mplug, layout):
     inputs = family.build_inputs(processor, _clips(), DEFAULT_QUESTION, level_words=["good", "bad"],
                                  padding_side="right")
     batch = inputs.batch
-    for row, word in enumerate(["good", "bad"]):
+    for row, (word, prefix) in enumerate([("good", "The quality of the image is"), ("bad", ANSWER_PREFIX)]):
         labels = batch["labels"][row]
-        answer = labels[labels != -100].tolist()
-        assert answer == tokenizer(answer_text(word), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = labels[labels != -100].tolist()  # row 0 is an image (one frame), asked about as an image
+        assert answer == (tokenizer(answer_text(word, prefix), add_special_tokens=False)["input_ids"]
+                          + [tokenizer.eos_token_id])
         assert batch["input_ids"][row, inputs.level_positions[row] + 1] == level_ids[word]
         assert tokenizer.convert_ids_to_tokens(int(batch["input_ids"][row, inputs.level_positions[row]])) == "▁is"
         assert batch["attention_mask"][row].sum() == (labels != -100).nonzero().max() + 1
@@ -147,17 +172,18 @@ def test_recipe_option_round_trips_to_scoring(mplug, quality_set, tmp_path):
         "per_device_train_batch_size: 2\nuse_cpu: true\nsave_strategy: 'no'\nreport_to: none\nseed: 0\n")
     out = load_finetune().main([str(recipe)])
     stored = json.loads((out / META_FILE).read_text())
-    assert stored["family_options"] == {"prompt_layout": "question_first"}
+    # every option is stored, the per-frame budget resolved (the tiny model's 56x56 frames)
+    assert stored["family_options"] == {"prompt_layout": "question_first", "frame_pixels": 56 * 56}
 
     model, processor, family, meta = load_checkpoint(out, device="cpu", dtype=torch.float32)
     assert family.prompt_layout == "question_first" and meta.family_options == stored["family_options"]
     assert family.chat_texts(processor, meta.question, _clips()[1], None)[0] == Q_ALIGN_SCORER_PROMPT
 
     # continuing the adapter (two-stage training) keeps the stored option unless the recipe overrides it
-    *_, family, _, options = load_for_training(str(out))
-    assert family.prompt_layout == "question_first" and options == {"prompt_layout": "question_first"}
-    *_, family, _, options = load_for_training(str(out), family_options={"prompt_layout": "image_first"})
-    assert family.prompt_layout == "image_first" and options == {"prompt_layout": "image_first"}
+    family = load_for_training(str(out)).family
+    assert family.options() == {"prompt_layout": "question_first", "frame_pixels": 3136}
+    family = load_for_training(str(out), family_options={"prompt_layout": "image_first"}).family
+    assert family.options() == {"prompt_layout": "image_first", "frame_pixels": 3136}
 
 
 def test_plain_mplug_directory_scores_question_first(mplug, tmp_path):
@@ -168,5 +194,6 @@ def test_plain_mplug_directory_scores_question_first(mplug, tmp_path):
     shutil.copytree(model_dir, plain)
     (plain / META_FILE).unlink(missing_ok=True)
     _, processor, family, meta = load_checkpoint(plain, device="cpu", dtype=torch.float32)
-    assert meta.family_options == {"prompt_layout": "question_first"}
+    assert meta.family_options == {"prompt_layout": "question_first", "frame_pixels": 56 * 56}
+    assert meta.protocol == "authors"
     assert family.chat_texts(processor, meta.question, _clips()[0], None)[0] == Q_ALIGN_SCORER_PROMPT

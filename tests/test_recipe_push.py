@@ -5,16 +5,25 @@ id or token stops the run before training. Only the Hub client's network calls a
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from huggingface_hub import ModelCard, constants
+from PIL import Image
 from transformers import TrainerCallback
 
 from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
 from qalign_kvq.hub import HubError, MissingTokenError
 from qalign_kvq.model_card import GENERATED_MARKER
+from qalign_kvq.plots import CURVES_FILE, SCATTER_FILE
 from tests.test_hub import FakeHub, _files
 from tests.training_support import ROOT, load_finetune, quality_set, write_csv  # noqa: F401 (fixture)
+
+
+def _picture_links(text: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+
 
 ROWS = [("bunny_a/qp18.mp4", 4.6), ("bikes_a/qp46.mp4", 1.4), ("carphone/qp30.mp4", 3.8), ("bikes_b/qp38.mp4", 2.6)]
 
@@ -54,6 +63,10 @@ def test_run_writes_its_model_card_and_pushes_nothing(tiny_models, quality_set, 
     assert card.data.model_name == str(out) and f'Scorer.from_pretrained("{out}")' in card.text
     assert "lora" in card.data.tags
     assert fake.calls == []
+    with Image.open(out / CURVES_FILE) as curves:  # the run's curves (no validation set: no scatter)
+        assert curves.format == "PNG" and curves.size == (660, 480)
+    assert not (out / SCATTER_FILE).exists()
+    assert _picture_links(card.text) == [CURVES_FILE]
 
 
 def test_push_to_hub_uploads_the_saved_output_with_its_card(tiny_models, quality_set, tmp_path, monkeypatch,
@@ -62,8 +75,10 @@ def test_push_to_hub_uploads_the_saved_output_with_its_card(tiny_models, quality
     fake = FakeHub(tmp_path / "remote")
     fake.install(monkeypatch)
     flag = TrainerPushFlag()
+    val_csv = write_csv(tmp_path / "val.csv", ROWS)
     out = _run(tiny_models("qwen2_5_vl"), quality_set[0], tmp_path, callbacks=[flag], extra=[
-        "push_to_hub: true", "hub_model_id: org/kvq-tiny", "hub_private_repo: true", "hub_token: hf_recipe_token"])
+        "push_to_hub: true", "hub_model_id: org/kvq-tiny", "hub_private_repo: true", "hub_token: hf_recipe_token",
+        f"val_csv: {val_csv}", "eval_num_frames: 2"])
     assert flag.push_to_hub is False  # the Trainer's own push (its own card, every checkpoint) stays off
     assert [c[0] for c in fake.calls] == ["create_repo", "upload_folder"]
     assert fake.calls[0][1] == "org/kvq-tiny"
@@ -75,6 +90,11 @@ def test_push_to_hub_uploads_the_saved_output_with_its_card(tiny_models, quality
     assert CheckpointMeta.load(tmp_path / "remote").family == "qwen2_5_vl"
     card = ModelCard(sent["README.md"].decode())
     assert card.data.model_name == "org/kvq-tiny" and 'Scorer.from_pretrained("org/kvq-tiny")' in card.text
+    # the card shows the run's curves and the validation scatter, and both files went with it
+    assert _picture_links(card.text) == [CURVES_FILE, SCATTER_FILE]
+    assert all(sent[name][:8] == b"\x89PNG\r\n\x1a\n" for name in (CURVES_FILE, SCATTER_FILE))
+    with Image.open(out / CURVES_FILE) as curves:  # loss panel + validation panel
+        assert curves.size == (1320, 480)
 
 
 def test_push_settings_are_checked_before_training(tmp_path, monkeypatch, no_token):

@@ -71,10 +71,11 @@ def test_bad_inputs_raise_clear_errors(scorer, broken_videos):
         scorer.score_frames(np.zeros((2, 32, 32, 3), dtype=np.float32))
 
 
-def test_plain_transformers_dir_loads_with_warning(tiny_models, caplog):
-    with caplog.at_level(logging.WARNING, logger="qalign_kvq.loading"):
+def test_plain_transformers_dir_loads_as_a_public_checkpoint(tiny_models, caplog):
+    with caplog.at_level(logging.INFO, logger="qalign_kvq.loading"):
         _, _, family, meta = load_checkpoint(tiny_models(FAMILY), "cpu")
     assert family.name == FAMILY and (meta.mos_low, meta.mos_high) == (1.0, 5.0)
+    assert meta.protocol == "authors"  # scored the way its authors score
     assert "qalign_kvq.json" in caplog.text
 
 

@@ -41,8 +41,7 @@ def clip(sample_video):
 
 def _view_probs(scorer, views):
     lm = scorer.models[0]
-    probs, _, _ = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids, lm.meta.question)
-    return probs
+    return clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids, lm.meta.question).probs
 
 
 def test_score_is_weighted_average_of_level_probs(scorer, clip):
@@ -86,9 +85,9 @@ def test_centre_weight_pulls_the_score_to_the_centre_view(scorer, clip):
 def test_batched_views_equal_one_at_a_time(scorer, clip):
     lm = scorer.models[0]
     views = make_views(clip, ViewOptions(include_full=True))
-    batched, _, _ = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids, lm.meta.question)
-    single, _, _ = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids, lm.meta.question,
-                                    batch_size=1)
+    batched = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids, lm.meta.question).probs
+    single = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids, lm.meta.question,
+                              batch_size=1).probs
     assert batched.shape == (6, 5)
     np.testing.assert_allclose(batched, single, atol=1e-5)
     one = Scorer(scorer.models, options=ViewOptions(batch_size=1)).score_frames(clip)

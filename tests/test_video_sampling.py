@@ -19,12 +19,13 @@ def test_uniform_short_video_repeats_frames():
     assert len(idx) == 12 and sorted(idx) == idx and set(idx) == set(range(5))
 
 
-def test_per_second_is_floor_of_duration():
-    # 132 frames at 25 fps = 5.28 s -> 5 frames, one at the start of each second
-    assert per_second_indices(132, 25.0) == [0, 25, 50, 75, 100]
-    assert per_second_indices(120, 29.97) == [0, 30, 60, 90]  # 4.004 s -> 4 frames
+def test_per_second_is_q_aligns_load_video():
+    # Q-Align: frame_indices = [int(fps * i) for i in range(int(len(vr) / fps))]
+    assert per_second_indices(132, 25.0) == [0, 25, 50, 75, 100]  # 5.28 s -> 5 frames
+    assert per_second_indices(120, 29.97) == [0, 29, 59, 89]  # 4.004 s -> 4 frames, int() not round()
+    assert per_second_indices(150, 29.97) == [int(29.97 * i) for i in range(int(150 / 29.97))]
     assert per_second_indices(10, 25.0) == [0]  # shorter than a second: still one frame
-    assert per_second_indices(100, 25.0, rate=2.0) == [0, 12, 25, 38, 50, 62, 75, 88]
+    assert per_second_indices(100, 25.0, rate=2.0) == [0, 12, 25, 37, 50, 62, 75, 87]
 
 
 def test_per_second_cap_spreads_over_the_video():

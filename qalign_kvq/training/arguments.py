@@ -28,9 +28,15 @@ class ModelArguments:
     vision_attention: str = _f("packed", "Qwen-VL vision attention: packed (all windows and frames of a layer in "
                                          "one call) or stock (transformers' loop over them); other families "
                                          "ignore it.", choices=["packed", "stock"])
-    family_options: dict | str | None = _f(None, "Options of the family, a mapping (YAML/JSON), e.g. {prompt_layout: "
-                                                 "question_first} for mplug_owl2 or {clip_fps: 2} for Qwen; stored "
-                                                 "in qalign_kvq.json so scoring builds the family alike.")
+    family_options: dict | str | None = _f(None, "Options of the family, a mapping (YAML/JSON), e.g. {frame_pixels: "
+                                                 "602112} (the per-frame pixel budget, default: the model's own "
+                                                 "video default), {prompt_layout: vicuna_v1} for mplug_owl2 "
+                                                 "(qwen_1_5 for llava_onevision, internvl2_5 for internvl: the "
+                                                 "authors' training conversation; default chat_template), "
+                                                 "{clip_fps: 2} for Qwen; stored in qalign_kvq.json (budget "
+                                                 "resolved) so scoring builds the family alike.")
+    scoring_protocol: str = _f("kvq", "Scoring protocol stored with the checkpoint: kvq (12 frames x FiveCrop, MOS "
+                                      "scale) or authors (whole frames at the family's rate, expected level).")
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -46,6 +52,10 @@ class ModelArguments:
             raise ValueError(f"family_options must be a mapping of option names to values, not {self.family_options!r}")
         if self.vision_attention not in ("packed", "stock"):
             raise ValueError(f"vision_attention must be packed or stock, not {self.vision_attention!r}")
+        from qalign_kvq.scoring import PROTOCOLS
+
+        if self.scoring_protocol not in PROTOCOLS:
+            raise ValueError(f"scoring_protocol must be one of {', '.join(PROTOCOLS)}, not {self.scoring_protocol!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
 
@@ -68,20 +78,45 @@ class DataArguments:
     reverse_prob: float = _f(0.5, "Probability of reversing a training clip in time.")
     question_paraphrases: bool = _f(True, "Sample the question from the paraphrase set (else always the default).")
     check_videos: str = _f("probe", "Before training: 'probe' every video (missing or unreadable rows are "
-                                    "reported), 'exists' (files only) or 'none'.")
+                                    "reported), 'exists' (files only) or 'none'. Under several processes each "
+                                    "looks for every file and probes its share.")
+    check_videos_timeout: float = _f(6 * 3600.0, "Seconds the processes wait for each other's share of "
+                                                 "check_videos (its own timeout, not ddp_timeout): raise it "
+                                                 "for very large sets on slow storage.")
     soft_label_min_std: float = _f(0.2, "Below this std (level units) soft labels split between two adjacent levels.")
+    level_words: list[str] | None = _f(None, "Level vocabulary, best first (default: excellent good fair poor bad); "
+                                             "each word must be one token after the answer prefix. Equal-width MOS "
+                                             "bins, one per word; stored with the checkpoint and used for scoring.")
+    level_scores: list[float] | None = _f(None, "Score of each level word, best first, equally spaced (default: 5 "
+                                                "down to 1 whatever the number of words).")
+    source_group_size: int = _f(0, "Homologous batches: put this many versions of one source side by side in a "
+                                   "training batch (needs a source column, see python -m qalign_kvq.sources; must "
+                                   "divide per_device_train_batch_size; 0: off).")
+    group_by_length: bool = _f(False, "Batch clips of one token length (from the processor's count for each video's "
+                                      "size) together, so batches carry almost no padding; logs the padding share. "
+                                      "Composes with source_group_size.")
 
     def __post_init__(self):
         if not self.train_csv or not self.video_root:
             raise ValueError("train_csv and video_root are required")
         if self.check_videos not in ("probe", "exists", "none"):
             raise ValueError(f"check_videos must be probe, exists or none, not {self.check_videos!r}")
+        if self.check_videos_timeout <= 0:
+            raise ValueError(f"check_videos_timeout must be > 0 seconds, not {self.check_videos_timeout}")
         if not 0 < self.crop_ratio <= 1:
             raise ValueError(f"crop_ratio must be in (0, 1], not {self.crop_ratio}")
         if self.num_frames < 1 or self.eval_num_frames < 1:
             raise ValueError("num_frames and eval_num_frames must be >= 1")
         if (self.mos_low is None) != (self.mos_high is None):
             raise ValueError("give both mos_low and mos_high, or neither")
+        if self.level_scores is not None and self.level_words is None:
+            raise ValueError("level_scores needs level_words")
+        if self.level_words is not None:
+            from qalign_kvq.levels import check_vocabulary
+
+            check_vocabulary(self.level_words, self.level_scores)
+        if self.source_group_size < 0 or self.source_group_size == 1:
+            raise ValueError(f"source_group_size must be 0 (off) or >= 2, not {self.source_group_size}")
 
 
 @dataclass
@@ -91,25 +126,48 @@ class MethodArguments:
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.05, "LoRA dropout.")
     lora_target_modules: list[str] | None = _f(None, "LoRA target module names (default: the family's).")
-    freeze_vision: bool = _f(True, "Freeze the vision tower.")
+    freeze_vision: bool = _f(True, "Freeze the vision tower (unfrozen with LoRA, it gets adapters on its layers' "
+                                   "attention and MLP).")
     freeze_projector: bool | None = _f(None, "Freeze the projector/abstractor (default: frozen for LoRA unless "
                                              "the family trains it, trained for full).")
-    freeze_language: bool = _f(False, "Freeze the language model (full) / put no adapter on it (LoRA).")
+    freeze_language: bool = _f(False, "Freeze the language model (full) / put no adapter on it (LoRA: then the "
+                                      "vision tower must be unfrozen).")
     vision_learning_rate: float | None = _f(None, "Learning rate of the vision tower and projector (default: "
                                                   "learning_rate).")
     loss: str = _f("ce", "ce: cross-entropy on the answer tokens (Q-Align); deqa: soft-label KL at the level "
-                         "position + fidelity rank loss on in-batch pairs + weighted CE (DeQA-Score).")
+                         "position + rank loss on in-batch pairs + weighted CE (DeQA-Score); ce_rank: CE + rank "
+                         "loss (the KVQ teams' rank losses on top of Q-Align).")
     ce_weight: float = _f(1.0, "Weight of the answer cross-entropy (DeQA uses 0.05).")
     kl_weight: float = _f(1.0, "Weight of the soft-label KL (deqa loss).")
-    rank_weight: float = _f(1.0, "Weight of the fidelity rank loss (deqa loss).")
+    rank_weight: float = _f(1.0, "Weight of the rank loss (deqa and ce_rank losses).")
+    rank_loss: str = _f("fidelity", "Rank loss on the expected level scores of pairs: fidelity (Thurstone, "
+                                    "DeQA-Score) or margin (max(0, rank_margin - ordered score gap)).")
+    rank_pairs: str = _f("all", "Pairs the rank loss sees: all in-batch pairs, or homologous (same source; needs "
+                                "the source column, best with source_group_size).")
+    rank_margin: float = _f(0.5, "Margin of the margin rank loss, in level-score units.")
+    ema_decay: float | None = _f(None, "Keep an exponential moving average of the trainable weights with this decay "
+                                       "(e.g. 0.99); evaluation, best-checkpoint selection and the saved model use it.")
+    ema_warmup: bool = _f(False, "EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t: early updates move the "
+                                 "average faster.")
+    ema_on_cpu: bool = _f(False, "Keep the EMA copy in CPU memory (full fine-tuning of large models).")
 
     def __post_init__(self):
+        from qalign_kvq.training.ranking import RANK_LOSSES, RANK_PAIRS
+
         if self.method not in ("lora", "full"):
             raise ValueError(f"method must be lora or full, not {self.method!r}")
-        if self.loss not in ("ce", "deqa"):
-            raise ValueError(f"loss must be ce or deqa, not {self.loss!r}")
+        if self.loss not in ("ce", "deqa", "ce_rank"):
+            raise ValueError(f"loss must be ce, deqa or ce_rank, not {self.loss!r}")
         if min(self.ce_weight, self.kl_weight, self.rank_weight) < 0:
             raise ValueError("loss weights must be >= 0")
+        if self.rank_loss not in RANK_LOSSES:
+            raise ValueError(f"rank_loss must be one of {', '.join(RANK_LOSSES)}, not {self.rank_loss!r}")
+        if self.rank_pairs not in RANK_PAIRS:
+            raise ValueError(f"rank_pairs must be one of {', '.join(RANK_PAIRS)}, not {self.rank_pairs!r}")
+        if self.rank_margin < 0:
+            raise ValueError(f"rank_margin must be >= 0, not {self.rank_margin}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), not {self.ema_decay}")
 
 
 def config_to_argv(config: dict) -> list[str]:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from qalign_kvq.bare_parameters import load_bare_parameters
 from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
 from qalign_kvq.families import Family, family_for_model_type, get_family
 
@@ -37,28 +40,42 @@ def resolve_dtype(dtype: str, method: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+@dataclass
+class TrainingModel:
+    """What :func:`load_for_training` returns: the model and processor, the family (its
+    ``options()`` are what the new checkpoint stores, frame budget resolved), and the base model's
+    id or path with its Hub commit (None for a local base)."""
+
+    model: Any
+    processor: Any
+    family: Family
+    base_model: str
+    base_revision: str | None
+
+
 def load_for_training(model_name_or_path: str, family_name: str | None = None, dtype: torch.dtype = torch.float32,
-                      family_options: dict | None = None, **load_kwargs):
-    """``(model, processor, family, base_model, family_options)``. A qalign-kvq LoRA output directory
-    (adapter + ``qalign_kvq.json``) loads its base and keeps the adapter trainable (two-stage
-    training); ``base_model`` is then the base's path or id, else ``model_name_or_path``. The family
-    is built with ``family_options`` on top of those a qalign-kvq checkpoint stores (same family);
-    the returned options are the ones to store in the new checkpoint's meta. A public checkpoint
-    trains with the family's defaults (its ``zero_shot_options`` are for scoring only)."""
-    from qalign_kvq.hub import adapter_base_model, is_adapter, resolve_base_model, resolve_checkpoint
+                      family_options: dict | None = None, **load_kwargs) -> TrainingModel:
+    """Load the model to fine-tune. A qalign-kvq LoRA output directory (adapter + ``qalign_kvq.json``)
+    loads its base (at the revision it was trained on) and keeps the adapter trainable (two-stage
+    training), with the processor saved beside it; ``base_model`` is then the base's path or id,
+    else ``model_name_or_path``. The family is built with ``family_options`` on top of those a
+    qalign-kvq checkpoint stores (same family). A public checkpoint trains with the family's
+    defaults (its ``zero_shot_options`` are for scoring only)."""
+    from qalign_kvq.loading import has_processor, load_meta
+    from qalign_kvq.resolve import adapter_base_model, is_adapter, resolve_base_model, resolve_checkpoint, snapshot_revision
 
     directory = resolve_checkpoint(model_name_or_path)
-    meta = CheckpointMeta.load(directory) if (directory / META_FILE).is_file() else None
-    if family_name is None:
-        if meta is not None:
-            family_name = meta.family
-        else:
-            config = directory / "config.json"
-            if not config.is_file():
-                raise FileNotFoundError(f"{directory}: no config.json or {META_FILE}; pass family explicitly")
-            model_type = json.loads(config.read_text()).get("model_type", "")
-            family_name = family_for_model_type(model_type).name
-    inherited = meta.family_options if meta is not None and meta.family == family_name else {}
+    meta = None
+    inherited: dict = {}
+    if (directory / META_FILE).is_file():
+        meta, stored = load_meta(directory)
+        family_name = family_name or meta.family
+        inherited = stored.options() if stored.name == family_name else {}
+    elif family_name is None:
+        config = directory / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{directory}: no config.json or {META_FILE}; pass family explicitly")
+        family_name = family_for_model_type(json.loads(config.read_text()).get("model_type", "")).name
     options = {**inherited, **(family_options or {})}
     try:
         family = get_family(family_name, **options)
@@ -68,11 +85,14 @@ def load_for_training(model_name_or_path: str, family_name: str | None = None, d
         from peft import PeftModel
 
         meta = meta or CheckpointMeta(family=family.name)
-        model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dtype, **load_kwargs)
+        model, processor = family.load(str(resolve_base_model(directory, meta)), dtype=dtype,
+                                       processor_path=str(directory) if has_processor(directory) else None,
+                                       **load_kwargs)
         model = PeftModel.from_pretrained(model, str(directory), is_trainable=True)
-        return model, processor, family, adapter_base_model(directory, meta), options
+        load_bare_parameters(model, directory, trainable=True)
+        return TrainingModel(model, processor, family, adapter_base_model(directory, meta), meta.base_revision)
     model, processor = family.load(str(directory), dtype=dtype, **load_kwargs)
-    return model, processor, family, str(model_name_or_path), options
+    return TrainingModel(model, processor, family, str(model_name_or_path), snapshot_revision(directory))
 
 
 def _existing_modules(model, prefixes: Sequence[str]) -> list[str]:
@@ -93,6 +113,26 @@ def _prefix_regex(prefixes: Sequence[str]) -> str:
     return "^(" + "|".join(re.escape(p.rstrip(".")) for p in prefixes) + r")(\..*)?$"
 
 
+def _vision_inputs_require_grad(model, prefixes: Sequence[str]) -> None:
+    """Reentrant checkpointing gives the parameters of a checkpointed block gradients only when an
+    input of the block requires grad. ``enable_input_require_grads`` sees to that for the embeddings
+    that (sub-)models expose with ``get_input_embeddings``; not every vision tower does (mPLUG-Owl2's
+    does not), and its adapters would silently get no gradient. This makes the floating-point inputs
+    (pixels) of each vision module named by ``prefixes`` require grad while gradients are on."""
+
+    def hook(module, args, kwargs):
+        if torch.is_grad_enabled():
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.is_leaf:
+                    value.requires_grad_(True)
+
+    modules = dict(model.named_modules())
+    for prefix in prefixes:
+        module = modules.get(prefix.rstrip("."))
+        if module is not None and not isinstance(module, torch.nn.ModuleList):
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def prepare_model(model, family: Family, method: str = "lora", *, lora_r: int = 16, lora_alpha: int = 32,
                   lora_dropout: float = 0.05, lora_targets: Sequence[str] | str | None = None,
                   freeze_vision: bool = True, freeze_projector: bool | None = None, freeze_language: bool = False,
@@ -100,9 +140,12 @@ def prepare_model(model, family: Family, method: str = "lora", *, lora_r: int = 
     """Set which parameters train and return the model (a ``PeftModel`` for ``method="lora"``).
 
     Full: every parameter trains except the frozen groups (parameters outside the family's three
-    groups follow the language switch). LoRA: adapters on ``lora_targets`` (default: the family's)
-    outside frozen groups; an unfrozen projector is trained fully and saved with the adapter
-    (peft ``modules_to_save``); an unfrozen vision tower gets adapters where the targets match.
+    groups follow the language switch). LoRA: adapters on ``lora_targets`` outside frozen groups;
+    by default the family's language-model targets unless ``freeze_language``, plus its vision-tower
+    targets (``Family.vision_lora_targets``) when the tower is unfrozen (a family without them
+    refuses). An unfrozen projector is trained fully and saved with the adapter (peft
+    ``modules_to_save``; bare parameters such as LLaVA-OneVision's ``image_newline`` are made
+    trainable and saved beside it, :mod:`qalign_kvq.bare_parameters`).
     ``freeze_projector=None`` means trained for full fine-tuning, frozen for LoRA."""
     if freeze_projector is None:
         freeze_projector = method == "lora"
@@ -131,16 +174,51 @@ def prepare_model(model, family: Family, method: str = "lora", *, lora_r: int = 
         param.requires_grad_(False)
     if gradient_checkpointing:
         model.enable_input_require_grads()
+        if not frozen["vision"]:
+            _vision_inputs_require_grad(model, groups["vision"])
     excluded = [p for g in ("vision", "projector", "language") if frozen[g] or g == "projector" for p in groups[g]]
     save = _existing_modules(model, groups["projector"]) if not frozen["projector"] else []
-    targets = lora_targets if lora_targets is not None else family.lora_targets
+    bare = _bare_parameters(model, groups["projector"]) if not frozen["projector"] else []
+    targets = lora_targets if lora_targets is not None else default_lora_targets(
+        family, vision=not frozen["vision"], language=not frozen["language"])
     config = LoraConfig(
         r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         target_modules=list(targets) if not isinstance(targets, str) else targets,
         exclude_modules=_prefix_regex(excluded) if excluded else None,
         modules_to_save=save or None,
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for name, param in model.named_parameters():
+        if _strip(name) in bare:
+            param.requires_grad_(True)
+    return model
+
+
+def default_lora_targets(family: Family, vision: bool, language: bool) -> Sequence[str] | str:
+    """The family's LoRA targets for the unfrozen groups: its language-model targets and, for an
+    unfrozen vision tower, its vision-tower targets (a regex). Refuses what LoRA cannot train."""
+    if vision and not family.vision_lora_targets:
+        raise ValueError(f"{family.name}: LoRA has no vision-tower targets for this family, so freeze_vision: false "
+                         "would train nothing in the tower; fine-tune it with method: full, or name its modules "
+                         "in lora_target_modules")
+    if not vision and not language:
+        raise ValueError(f"{family.name}: LoRA with freeze_vision and freeze_language both true has no module to "
+                         "adapt; to train the projector alone use method: full with both frozen")
+    if not vision:
+        return family.lora_targets
+    if not language:
+        return family.vision_lora_targets
+    text = family.lora_targets
+    if not isinstance(text, str):  # peft's list semantics: the name, or a name ending in ".<target>"
+        text = r"(.*\.)?(" + "|".join(re.escape(t) for t in text) + ")"
+    return f"(?:{text})|(?:{family.vision_lora_targets})"
+
+
+def _bare_parameters(model, prefixes: Sequence[str]) -> set[str]:
+    """Prefixes that name a parameter rather than a module (``model.image_newline``): peft's
+    ``modules_to_save`` cannot hold them."""
+    names = {name for name, _ in model.named_parameters()}
+    return {p.rstrip(".") for p in prefixes if p.rstrip(".") in names}
 
 
 def drop_frozen_input_grad_hooks(model) -> int:

@@ -1,7 +1,7 @@
 """Video input: probing and reading frames, frame sampling, clip augmentation, scoring views,
 sandwich detection and typed errors."""
 
-from .crops import DEFAULT_VIEW_RATIO, augment_clip, five_crop_views, view_weights
+from .crops import DEFAULT_VIEW_RATIO, augment_clip, augment_clip_reversed, five_crop_views, view_weights
 from .errors import (
     EmptyVideoError,
     NotAVideoError,
@@ -25,6 +25,7 @@ __all__ = [
     "VideoInfo",
     "VideoNotFoundError",
     "augment_clip",
+    "augment_clip_reversed",
     "detect_sandwich",
     "five_crop_views",
     "per_second_indices",

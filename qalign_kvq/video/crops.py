@@ -38,6 +38,12 @@ def augment_clip(clip: np.ndarray, rng: np.random.Generator, crop_ratio: float |
     """Training augmentation (the KVQ recipe): one random crop of `crop_ratio` x (H, W) at the same
     position on every frame, then reverse the frame order with probability `reverse_prob`.
     `crop_ratio=None` (or 1.0) switches the crop off, `reverse_prob=0` the reverse; `rng` seeds both."""
+    return augment_clip_reversed(clip, rng, crop_ratio, reverse_prob)[0]
+
+
+def augment_clip_reversed(clip: np.ndarray, rng: np.random.Generator, crop_ratio: float | None = 0.9,
+                          reverse_prob: float = 0.5) -> tuple[np.ndarray, bool]:
+    """:func:`augment_clip`, also saying whether the clip was reversed (same draws from `rng`)."""
     _check_clip(clip)
     t = _as_tensor(clip)
     if crop_ratio is not None and crop_ratio != 1.0:
@@ -45,9 +51,10 @@ def augment_clip(clip: np.ndarray, rng: np.random.Generator, crop_ratio: float |
         top = int(rng.integers(0, clip.shape[1] - h + 1))
         left = int(rng.integers(0, clip.shape[2] - w + 1))
         t = F.crop(t, top, left, h, w)
-    if reverse_prob > 0 and rng.random() < reverse_prob:
+    reversed_ = bool(reverse_prob > 0 and rng.random() < reverse_prob)
+    if reversed_:
         t = t.flip(0)
-    return _as_clip(t)
+    return _as_clip(t), reversed_
 
 
 def five_crop_views(clip: np.ndarray, ratio: float = DEFAULT_VIEW_RATIO,

@@ -153,7 +153,16 @@ def _validate(p: Path, indices: Sequence[int], num_frames: int) -> list[int]:
     return out
 
 
-def _read_pyav(p: Path, order: list[int]) -> np.ndarray:
+def decode_threads() -> int:
+    """FFmpeg decoding threads per reader: torch's intra-op thread count of this process (1 in a
+    DataLoader worker, ``OMP_NUM_THREADS`` where a launcher sets it, else the cores), so that ranks x
+    workers readers do not each start one thread per core of the machine."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def _read_pyav(p: Path, order: list[int], threads: int | None = None) -> np.ndarray:
     """Decode only the GOPs that hold the wanted frames: seek to the keyframe before a target unless
     decoding on from the current position reaches it sooner. One open of the file, no full probe."""
     with _open(p) as c:
@@ -168,7 +177,8 @@ def _read_pyav(p: Path, order: list[int]) -> np.ndarray:
             w, h = st.codec_context.width, st.codec_context.height
             return np.empty((0, h, w, 3), np.uint8)
         wanted = sorted(set(order))
-        st.thread_type = "AUTO"
+        st.thread_type = "AUTO"  # frame + slice threads, at most `threads` of them
+        st.codec_context.thread_count = decode_threads() if threads is None else threads
         got: dict[int, np.ndarray] = {}
         if table is None:  # no timestamps: count the shown frames while decoding from the start
             c.seek(0)
@@ -222,14 +232,16 @@ def _read_decord(p: Path, order: list[int], num_frames: int) -> np.ndarray:
     return batch[[pos[i] for i in order]]
 
 
-def read_frames(path: str | Path, indices: Sequence[int], backend: str = "auto") -> np.ndarray:
+def read_frames(path: str | Path, indices: Sequence[int], backend: str = "auto",
+                threads: int | None = None) -> np.ndarray:
     """Return frames `indices` (any order, repeats allowed) as a uint8 RGB array (len(indices), H, W, 3).
 
     backend: "pyav" (seek-based, decodes only the GOPs that hold the frames), "decord", or "auto":
     PyAV, which needed no more CPU time than decord on any clip of scripts/bench_video.py (see
     docs/benchmarks.md) and, unlike decord 0.6, reads VP9 and AV1; decord is tried where PyAV fails. Broken files raise a typed
     `VideoError` (for decord, after a PyAV probe, so decord never sees a file FFmpeg cannot open);
-    indices outside the video raise IndexError.
+    indices outside the video raise IndexError. PyAV decodes with `threads` threads (default
+    :func:`decode_threads`; 0 is FFmpeg's own choice, one per core).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -237,7 +249,7 @@ def read_frames(path: str | Path, indices: Sequence[int], backend: str = "auto")
     if backend == "decord":
         return _read_decord(p, list(indices), probe(p).num_frames)
     try:
-        return _read_pyav(p, [int(i) for i in indices])
+        return _read_pyav(p, [int(i) for i in indices], threads)
     except av.error.FFmpegError as e:
         if backend == "pyav":
             raise VideoDecodeError(p, f"PyAV cannot decode the file ({e.strerror or e})") from e

@@ -28,15 +28,16 @@ def uniform_indices(num_frames: int, k: int) -> list[int]:
 
 
 def per_second_indices(num_frames: int, fps: float, rate: float = 1.0, max_frames: int | None = None) -> list[int]:
-    """Q-Align's rule: floor(duration * rate) frames, one at the start of each 1/rate-second step
-    (at least one frame). With `max_frames`, at most that many, evenly spread over those steps
-    (the original has no cap and runs out of context on long videos)."""
+    """Q-Align's rule (``load_video`` of q_align/evaluate/scorer.py): ``int(num_frames / fps * rate)``
+    frames, frame ``int(fps * i / rate)`` for the i-th step of 1/rate seconds (at least one frame:
+    the original returns none for a video under a second). With `max_frames`, at most that many,
+    evenly spread over those steps (the original has no cap and runs out of context on long videos)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if fps <= 0 or rate <= 0:
         raise ValueError(f"fps and rate must be > 0, got fps={fps}, rate={rate}")
-    steps = max(1, math.floor(num_frames / fps * rate + 1e-9))
-    idx = [min(num_frames - 1, round(s * fps / rate)) for s in range(steps)]
+    steps = max(1, int(num_frames / fps * rate))
+    idx = [min(num_frames - 1, int(fps * s / rate)) for s in range(steps)]
     if max_frames is not None:
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")

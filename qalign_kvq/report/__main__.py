@@ -1,0 +1,5 @@
+import sys
+
+from qalign_kvq.report import main
+
+sys.exit(main())
