@@ -172,7 +172,7 @@ def test_the_switch_reaches_every_loader(tiny_models):
     assert not _modules(load_checkpoint(path, vision_attention="stock")[0])
     assert not _modules(Scorer.from_pretrained(path, vision_attention="stock").models[0].model)
     assert len(_modules(Scorer.from_pretrained(path).models[0].model)) == 2
-    assert not _modules(load_for_training(str(path), vision_attention="stock")[0])
+    assert not _modules(load_for_training(str(path), vision_attention="stock").model)
     assert ModelArguments(model_name_or_path="x").vision_attention == "packed"
     with pytest.raises(ValueError, match="vision_attention must be"):
         ModelArguments(model_name_or_path="x", vision_attention="loop")
