@@ -117,7 +117,8 @@ def build_scorer(args, device=None):
         overrides["batch_size"] = args.views_per_forward
     return Scorer.from_pretrained(args.model or [DEFAULT_MODEL], device=device or args.device, dtype=args.dtype,
                                   weights=args.model_weight, protocol=args.protocol, attn_implementation=args.attn,
-                                  frame_pixels=args.frame_pixels, **overrides)
+                                  frame_pixels=args.frame_pixels,
+                                  vision_attention=args.vision_attention, **overrides)
 
 
 def score_one(scorer, name: str, path: Path) -> dict:
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
     p.add_argument("--attn", help="attention implementation: sdpa, eager, flash_attention_2 (needs flash-attn)... "
                                   "(default: transformers' choice)")
+    p.add_argument("--vision-attention", choices=["packed", "stock"], default="packed",
+                   help="Qwen-VL vision attention: packed (all windows of a layer in one call, default) or stock "
+                        "(transformers' loop over windows)")
     p.add_argument("--retry-errors", action="store_true", help="score again the files that failed before")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -104,6 +104,7 @@ def load_checkpoint(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
     family_overrides: dict[str, Any] | None = None,
+    vision_attention: str = "packed",
 ):
     """``(model, processor, family, meta)`` from a directory or hub id, ready for scoring.
 
@@ -113,11 +114,14 @@ def load_checkpoint(
     ``eager``, ``flash_attention_2``...) goes to ``from_pretrained``; None keeps transformers'
     default. ``family_overrides`` replace stored family options (e.g. ``{"frame_pixels": N}``).
     The returned ``meta.family_options`` are the family's options as resolved (budget included).
+    ``vision_attention``: ``packed`` (Qwen-VL vision attention in one call per layer) or ``stock``
+    (see :meth:`Family.load`).
     """
     directory = resolve_checkpoint(path_or_id)
     meta, family = load_meta(directory, family_overrides)
     dev, dt = default_device_dtype(device, dtype)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kwargs["vision_attention"] = vision_attention
     if is_adapter(directory):
         model, processor = load_merged_adapter(directory, meta, family, dtype=dt, **kwargs)
     else:

@@ -96,19 +96,21 @@ class Scorer:
                         device=None, dtype=None, weights: Sequence[float] | None = None,
                         options: ViewOptions | None = None, protocol: str | None = None,
                         attn_implementation: str | None = None, frame_pixels: int | None = None,
-                        **view_options) -> Scorer:
+                        vision_attention: str = "packed", **view_options) -> Scorer:
         """Load one checkpoint (directory or hub id; default: the public OneAlign) or several (a
         list: a model ensemble). The protocol is ``protocol`` if given, else the one the
         checkpoints name (they must agree); keyword arguments beyond these change its
         :class:`ViewOptions` fields (``frames=8``...); ``options`` replaces it whole.
         ``frame_pixels`` replaces the per-frame pixel budget stored with the checkpoints;
-        ``attn_implementation`` goes to ``from_pretrained`` (e.g. ``flash_attention_2``)."""
+        ``attn_implementation`` goes to ``from_pretrained`` (e.g. ``flash_attention_2``);
+        ``vision_attention`` is ``packed`` (Qwen-VL, one call per layer) or ``stock``."""
         paths = [path_or_id] if isinstance(path_or_id, (str, os.PathLike)) else list(path_or_id)
         dev, dt = default_device_dtype(device, dtype)
         overrides = {"frame_pixels": frame_pixels} if frame_pixels is not None else None
         loaded = []
         for path in paths:
-            model, processor, family, meta = load_checkpoint(path, dev, dt, attn_implementation, overrides)
+            model, processor, family, meta = load_checkpoint(path, dev, dt, attn_implementation, overrides,
+                                                            vision_attention)
             ids = family.check_level_tokens(processor, meta.level_words, meta.question, meta.answer_prefix)
             loaded.append(LoadedModel(str(path), model, processor, family, meta, ids))
         if options is None:

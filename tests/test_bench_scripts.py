@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +22,7 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return run
 
 
-def test_bench_gpu_smoke_runs_scoring_lora_and_full(tmp_path):
+def test_bench_gpu_smoke_runs_scoring_lora_and_full_before_and_after(tmp_path):
     import skvideo
 
     out = tmp_path / "bench_gpu.json"
@@ -30,28 +32,45 @@ def test_bench_gpu_smoke_runs_scoring_lora_and_full(tmp_path):
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["machine"]["device"] == "cpu" and report["content"] == "bikes.mp4"
     assert report["model"]["family"] == "qwen2_5_vl" and report["model"]["parameters"] > 0
+    assert report["peak_bf16_tflops"] > 0
     results = report["results"]
     assert set(results) == {"score", "lora", "full"}
-    assert not any("error" in r for r in results.values()), results
+    for mode in results:
+        assert {"before", "after"} <= set(results[mode]), mode
+        assert not any("error" in r for r in results[mode].values() if isinstance(r, dict)), results[mode]
 
-    score = results["score"]
-    assert (score["videos"], score["views"], score["frames"]) == (1, 5, 12)
-    assert score["videos_per_s"] > 0 and 0 < score["model_s_per_video"] <= score["s_per_video"]
-    assert score["tokens_per_view"] > 0 and 0 < score["vision_tower_s_per_video"]
-
-    for mode, batch in (("lora", 2), ("full", 1)):
-        r = results[mode]
-        assert (r["batch_size"], r["frames"], r["steps_timed"]) == (batch, 8, 1), mode
-        assert r["samples_per_s"] > 0 and math.isfinite(r["train_loss"]) and r["train_loss"] > 0, mode
-        assert r["tokens_per_sample"] > r["visual_inputs_per_sample"] // 4 > 0, mode  # 2x2 merge
-    lora_trainable = int(results["lora"]["trainable"].split()[1].replace(",", ""))
-    full_trainable = int(results["full"]["trainable"].split()[1].replace(",", ""))
+    for variant in ("before", "after"):
+        score = results["score"][variant]
+        assert (score["videos"], score["views"], score["frames"]) == (1, 5, 12)
+        assert score["videos_per_s"] > 0 and 0 < score["model_s_per_video"] <= score["s_per_video"]
+        assert score["tokens_per_view"] > 0 and 0 < score["vision_tower_s_per_video"]
+        for mode, batch in (("lora", 2), ("full", 1)):
+            r = results[mode][variant]
+            assert r["variant"] == variant
+            assert (r["batch_size"], r["frames"], r["steps_timed"]) == (batch, 8, 1), mode
+            assert r["samples_per_s"] > 0 and math.isfinite(r["train_loss"]) and r["train_loss"] > 0, mode
+            assert r["tokens_per_sample"] > r["visual_inputs_per_sample"] // 4 > 0, mode  # 2x2 merge
+            assert r["hardware_tflops_per_sample"] > r["model_tflops_per_sample"] > 0, mode  # + recompute
+            assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / report["peak_bf16_tflops"], rel=1e-2)
+            assert 0 < r["mfu"] < r["hfu"], mode
+    for mode in ("lora", "full"):
+        before, after = results[mode]["before"], results[mode]["after"]
+        # the same model FLOPs; the full-logits loss projects every position onto the vocabulary
+        assert before["model_tflops_per_sample"] == after["model_tflops_per_sample"]
+        assert before["hardware_tflops_per_sample"] > after["hardware_tflops_per_sample"]
+        assert results[mode]["speedup"] > 0
+    lora_trainable = int(results["lora"]["after"]["trainable"].split()[1].replace(",", ""))
+    full_trainable = int(results["full"]["after"]["trainable"].split()[1].replace(",", ""))
     assert 0 < lora_trainable < full_trainable
-    assert results["full"]["trainable"].endswith("(100.00%)")
+    assert results["full"]["after"]["trainable"].endswith("(100.00%)")
 
-    table = {line.split()[0]: line for line in run.stdout.splitlines()[-3:]}
-    assert set(table) == {"score", "lora", "full"}
-    assert "videos/s" in table["score"] and "samples/s" in table["lora"] and "samples/s" in table["full"]
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("measured bf16 matmul rate") for line in lines)
+    table = [line.split()[:2] for line in lines if line.split()[:1] in (["score"], ["lora"], ["full"])]
+    for mode in ("score", "lora", "full"):
+        for variant in ("before", "after"):
+            assert [mode, variant] in table, (mode, variant)
+    assert any("MFU" in line for line in lines if line.startswith("lora"))
 
 
 def test_bench_gpu_smoke_runs_the_onealign_backbone(tmp_path):
@@ -61,7 +80,7 @@ def test_bench_gpu_smoke_runs_the_onealign_backbone(tmp_path):
           "--steps", "1", "--warmup", "0", "--out", str(out)], tmp_path)
     report = json.loads(out.read_text())
     assert report["model"]["family"] == "mplug_owl2" and set(report["results"]) == {"score", "lora"}
-    score, lora = report["results"]["score"], report["results"]["lora"]
+    score, lora = report["results"]["score"]["after"], report["results"]["lora"]["after"]
     assert (score["views"], score["frames"]) == (5, 12) and score["videos_per_s"] > 0
     assert score["tokens_per_view"] > 12 * 9  # 9 visual tokens per frame in the tiny port, plus the prompt
     assert 0 < score["vision_tower_s_per_video"]
@@ -84,6 +103,79 @@ def test_bench_training_input_reports_per_stage_rates(tmp_path):
     assert result["tokens_per_sample"] > 1000
     assert sorted(p.name for p in work.glob("*.mp4")) == ["sandwich_5s_720x1280_h264.mp4"]  # only its own clip
     assert "per worker: read+augment" in run.stdout
+
+
+def test_model_flops_formula_matches_torch_flop_counter(tiny_models):
+    """scripts/model_flops.py's formula equals the matmul FLOPs torch counts in a real training step
+    (forward + backward, with and without gradient checkpointing, LoRA and full), within 1%."""
+    import model_flops
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qalign_kvq.families import get_family
+    from qalign_kvq.training.answer_logits import answer_logits
+    from qalign_kvq.training.collator import QualityCollator
+    from qalign_kvq.training.model import drop_frozen_input_grad_hooks, prepare_model
+
+    family = get_family("qwen2_5_vl")
+    photo = __import__("skimage.data", fromlist=["astronaut"]).astronaut()
+    clip = np.stack([photo[20 + 4 * i:220 + 4 * i, 30:330] for i in range(4)])
+    example = {"clip": clip, "question": "Rate the quality of this video.", "level_word": "fair", "level_score": 3.0,
+               "mos": 3.0}
+    cases = [("lora", True), ("full", False), ("full", True)]
+    for method, checkpointing in cases:
+        # eager attention: torch counts its matmuls (the CPU SDPA kernel has no FLOP formula)
+        model, processor = family.load(str(tiny_models("qwen2_5_vl")), vision_attention="stock",
+                                       attn_implementation="eager")
+        model = prepare_model(model, family, method, freeze_vision=method == "lora",
+                              freeze_projector=method == "lora", gradient_checkpointing=checkpointing)
+        if checkpointing:
+            model.gradient_checkpointing_enable()  # as the Trainer does; it hooks every input embedding
+            drop_frozen_input_grad_hooks(model)  # as QualityTrainer then does: no backward into a frozen tower
+        model.train()
+        batch = QualityCollator(family, processor)([example])
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "level_positions", "soft_labels",
+                                                             "level_scores", "mos")}
+        with FlopCounterMode(display=False) as counter:
+            _, kept = answer_logits(model, inputs, batch["labels"], batch["level_positions"])
+            kept.answer_ce().backward()
+        expected = model_flops.qwen2_5_vl_sample_flops(
+            model, int(batch["input_ids"].shape[1]), int(kept.logits.shape[0]), batch["video_grid_thw"], checkpointing)
+        counted = counter.get_total_flops()
+        assert expected.recompute > 0 if checkpointing else expected.recompute == 0
+        assert abs(expected.model + expected.recompute - counted) < 0.01 * counted, (method, checkpointing,
+                                                                                     expected, counted)
+
+
+def test_bench_training_step_smoke_compares_full_and_answer_only_logits(tmp_path):
+    out = tmp_path / "bench_training_step.json"
+    run = _run(["scripts/bench_training_step.py", "--smoke", "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    assert report["model"].endswith("151,936") and report["method"] == "lora" and report["dtype"] == "bfloat16"
+    assert report["tokens"] > report["answer_tokens"] > 0
+    for variant in ("baseline", "answer_only"):
+        (result,) = report["runs"][variant]
+        assert result["variant"] == variant and result["tokens"] == report["tokens"]
+        assert result["step_s"] > 0 and result["step_peak_mib"] > 0 and result["process_peak_mib"] > 0
+    summary = report["summary"]
+    # the same loss either way; the baseline's logits are tokens x 151,936 (bf16 and a float32 copy)
+    assert summary["baseline"]["loss"] == pytest.approx(summary["answer_only"]["loss"], rel=1e-5)
+    logits_mib = report["tokens"] * 151936 * 6 / 2**20
+    assert summary["baseline"]["step_peak_mib"] > logits_mib > summary["answer_only"]["step_peak_mib"]
+    assert report["peak_ratio"] < 0.5
+    assert "step peak" in run.stdout.splitlines()[-1]
+
+
+def test_bench_vision_attention_smoke_compares_packed_and_stock(tmp_path):
+    out = tmp_path / "bench_vision_attention.json"
+    run = _run(["scripts/bench_vision_attention.py", "--smoke", "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    assert report["tower"]["window_size"] == 112 and report["tower"]["patch_size"] == 14
+    assert report["views"] == 2 and len(report["grid_thw"]) == 2 and report["windows"] > 0
+    assert len(report["stock_s"]) == len(report["packed_s"]) == 1 and report["speedup"] > 0
+    assert report["max_abs_diff"] < 1e-5 < report["output_max_abs"]
+    assert report["block_diagonal"]["max_abs_diff"] < 1e-5
+    assert "packed" in run.stdout and "block-diagonal" in run.stdout.splitlines()[-1]
 
 
 def test_bench_padding_measures_the_padding_of_each_batching(tmp_path):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qalign_kvq.families.qwen_vision_attention import VISION_ATTENTION_CHOICES
 from qalign_kvq.levels import LEVEL_WORDS
 
 ANSWER_PREFIX = "The quality of the video is"
@@ -163,16 +164,25 @@ class Family:
 
     # ----- loading -------------------------------------------------------------------------
     def load(self, path: str, *, dtype: torch.dtype | None = None, processor_path: str | None = None,
-             **kwargs: Any):
+             vision_attention: str = "packed", **kwargs: Any):
         """Load ``(model, processor)`` from a local directory or hub id (the processor from
         ``processor_path`` when given); missing weights are an error; the frame budget is
-        resolved against the processor."""
+        resolved against the processor. ``vision_attention``: ``packed`` (one attention call per
+        vision layer where the family has a per-window loop, see :meth:`set_vision_attention`) or
+        ``stock``; ``kwargs`` go to ``from_pretrained``."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        check_vision_attention(vision_attention)
         processor = AutoProcessor.from_pretrained(processor_path or path)
         model = load_model_strict(AutoModelForImageTextToText, path, dtype=dtype, **kwargs)
+        self.set_vision_attention(model, vision_attention)
         self.resolve_frame_pixels(processor)
         return model, processor
+
+    def set_vision_attention(self, model, choice: str) -> None:
+        """Swap the vision attention modules of a loaded model to ``choice`` (``packed`` or
+        ``stock``). Families whose vision tower attends in one call anyway only check the choice."""
+        check_vision_attention(choice)
 
     # ----- the per-frame budget --------------------------------------------------------------
     def default_frame_pixels(self, processor) -> int:
@@ -377,6 +387,12 @@ def _word_token(family: str, tokenizer, prefix: str, word: str) -> int:
         raise ValueError(f"{family}: in the trained answer {answer_text(word, prefix)!r} the level word is not "
                          f"token {token} (the full stop merges with it); scoring and training would disagree")
     return token
+
+
+def check_vision_attention(choice: str) -> None:
+    """Raise ``ValueError`` unless ``choice`` is a ``vision_attention`` value."""
+    if choice not in VISION_ATTENTION_CHOICES:
+        raise ValueError(f"vision_attention must be one of {', '.join(VISION_ATTENTION_CHOICES)}, not {choice!r}")
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:

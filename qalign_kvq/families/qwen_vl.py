@@ -19,6 +19,9 @@ temporal M-RoPE step: the mean spacing of the sampled frames), Qwen3-VL writes t
 timestamps (``<t seconds>`` before every temporal patch). Frames without timing are taken to be
 ``1 / clip_fps`` seconds apart. Qwen2-VL has no notion of time.
 
+The vision tower's attention runs in one call per layer (``vision_attention="packed"``, the
+default of :meth:`Family.load`; ``"stock"`` keeps transformers' loop over windows and frames).
+
 LoRA targets ``q_proj/k_proj/v_proj/o_proj``: in these models only the language model has modules
 by those names (the vision blocks use ``qkv``/``proj``), so LoRA touches the language model only;
 an unfrozen vision tower gets adapters on its blocks' attention and MLP.
@@ -53,6 +56,13 @@ class _QwenVLFamily(Family):
         if not clip_fps > 0:
             raise ValueError(f"clip_fps must be positive, got {clip_fps}")
         self.clip_fps = float(clip_fps)
+
+    def set_vision_attention(self, model, choice: str) -> None:
+        """``packed`` replaces transformers' per-window vision attention loop by one call per layer
+        (:mod:`qalign_kvq.families.qwen_vision_attention`); ``stock`` restores it."""
+        from qalign_kvq.families.qwen_vision_attention import set_vision_attention
+
+        set_vision_attention(model, choice)
 
     def _own_options(self) -> dict[str, Any]:
         return {"clip_fps": self.clip_fps}

@@ -25,6 +25,9 @@ class ModelArguments:
     dtype: str = _f("auto", "Weights dtype when loading: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32.")
     attn_implementation: str | None = _f(None, "Attention implementation passed to from_pretrained (e.g. sdpa, "
                                                "flash_attention_2).")
+    vision_attention: str = _f("packed", "Qwen-VL vision attention: packed (all windows and frames of a layer in "
+                                         "one call) or stock (transformers' loop over them); other families "
+                                         "ignore it.", choices=["packed", "stock"])
     family_options: dict | str | None = _f(None, "Options of the family, a mapping (YAML/JSON), e.g. {frame_pixels: "
                                                  "602112} (the per-frame pixel budget, default: the model's own "
                                                  "video default), {prompt_layout: vicuna_v1} for mplug_owl2 "
@@ -47,6 +50,8 @@ class ModelArguments:
             self.family_options = {}
         if not isinstance(self.family_options, dict):
             raise ValueError(f"family_options must be a mapping of option names to values, not {self.family_options!r}")
+        if self.vision_attention not in ("packed", "stock"):
+            raise ValueError(f"vision_attention must be packed or stock, not {self.vision_attention!r}")
         from qalign_kvq.scoring import PROTOCOLS
 
         if self.scoring_protocol not in PROTOCOLS:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from qalign_kvq.bare_parameters import load_bare_parameters
 from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
@@ -218,6 +219,44 @@ def _bare_parameters(model, prefixes: Sequence[str]) -> set[str]:
     ``modules_to_save`` cannot hold them."""
     names = {name for name, _ in model.named_parameters()}
     return {p.rstrip(".") for p in prefixes if p.rstrip(".") in names}
+
+
+def drop_frozen_input_grad_hooks(model) -> int:
+    """Remove the hooks that make the input embeddings of a frozen sub-model (a frozen vision tower)
+    require gradients; returns how many were removed.
+
+    With gradient checkpointing, transformers' ``enable_input_require_grads`` (called by the Trainer)
+    hooks the input embeddings of every sub-model: for a Qwen-VL model also the vision tower's patch
+    embedding, so the backward pass (and the checkpoint recompute) runs through the whole vision
+    tower even when nothing in it trains (LoRA with ``freeze_vision``), where that gradient is never
+    used. The language model's hook, which LoRA under checkpointing needs, stays."""
+    from transformers import PreTrainedModel
+
+    keep = model.get_input_embeddings()
+    removed = 0
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel) or any(p.requires_grad for p in module.parameters()):
+            continue
+        try:
+            embeddings = module.get_input_embeddings()
+        except NotImplementedError:
+            continue
+        if embeddings is None or embeddings is keep or not hasattr(embeddings, "_forward_hooks"):
+            continue
+        for key, hook in list(embeddings._forward_hooks.items()):
+            if "make_inputs_require_grad" in getattr(hook, "__qualname__", ""):
+                del embeddings._forward_hooks[key]
+                removed += 1
+    return removed
+
+
+class FrozenInputGradHooks(TrainerCallback):
+    """At the start of training (after the Trainer has enabled gradient checkpointing), apply
+    :func:`drop_frozen_input_grad_hooks` to the model."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            drop_frozen_input_grad_hooks(model)
 
 
 def _numel(param: torch.nn.Parameter) -> int:

@@ -13,18 +13,13 @@ from transformers import EvalPrediction, Trainer
 
 from qalign_kvq.bare_parameters import load_bare_parameters, save_bare_parameters
 from qalign_kvq.levels import LEVEL_SCORES, LevelScale, expected_score
+from qalign_kvq.training.answer_logits import answer_logits
 from qalign_kvq.training.collator import TARGET_KEYS
+from qalign_kvq.training.model import FrozenInputGradHooks
 from qalign_kvq.training.ranking import rank_loss
 
 #: Losses that add the pairwise rank term (``rank_weight`` x ``rank_loss`` over ``rank_pairs``).
 RANKED_LOSSES = ("deqa", "ce_rank")
-
-
-def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy averaged over the answer tokens (labels != -100) of the batch."""
-    shifted = logits[:, :-1].float()
-    targets = labels[:, 1:].to(shifted.device)
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 def soft_label_kl(level_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -86,6 +81,7 @@ class QualityTrainer(Trainer):
                  rank_pairs: str = "all", rank_margin: float = 0.5, train_batch_sampler=None,
                  level_scores: Sequence[float] = tuple(LEVEL_SCORES), **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(FrozenInputGradHooks())  # no backward through a frozen vision tower
         self.level_token_ids = list(level_token_ids)
         self.level_scores = tuple(float(v) for v in level_scores)
         if len(self.level_scores) != len(self.level_token_ids):
@@ -102,14 +98,14 @@ class QualityTrainer(Trainer):
         inputs = dict(inputs)
         targets = {key: inputs.pop(key, None) for key in TARGET_KEYS}
         labels = inputs.pop("labels", None)
-        outputs = model(**inputs)
-        logits = outputs.logits
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        positions = targets["level_positions"].to(logits.device)
-        level_logits = logits[rows, positions][:, self.level_token_ids].float()
+        with_ce = labels is not None and (self.loss_kind == "ce" or self.weights["ce"] > 0)
+        # logits only at the answer positions (CE) and the level position (all losses)
+        _, kept = answer_logits(model, inputs, labels if with_ce else None, targets["level_positions"])
+        level_logits = kept.level_logits(self.level_token_ids)
+        logits = kept.logits
         loss = logits.new_zeros((), dtype=torch.float32)
-        if labels is not None and (self.loss_kind == "ce" or self.weights["ce"] > 0):
-            loss = loss + self.weights["ce"] * answer_ce(logits, labels)
+        if with_ce:
+            loss = loss + self.weights["ce"] * kept.answer_ce()
         if self.loss_kind == "deqa":
             loss = loss + self.weights["kl"] * soft_label_kl(level_logits, targets["soft_labels"].to(logits.device))
         if self.loss_kind in RANKED_LOSSES:

@@ -21,7 +21,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from qalign_kvq.families.base import ANSWER_PREFIX, Family, answer_text, load_model_strict
+from qalign_kvq.families.base import ANSWER_PREFIX, Family, answer_text, check_vision_attention, load_model_strict
 from qalign_kvq.families.mplug_owl2.configuration import MPLUGOwl2Config
 from qalign_kvq.families.mplug_owl2.modeling import MPLUGOwl2ForConditionalGeneration, MPLUGOwl2Model
 from qalign_kvq.families.mplug_owl2.processing import IMAGE_TOKEN, MPLUGOwl2ImageProcessor, MPLUGOwl2Processor
@@ -85,10 +85,12 @@ class MPLUGOwl2Family(Family):
         return int(crop["height"]) * int(crop["width"])
 
     def load(self, path: str, *, dtype: torch.dtype | None = None, processor_path: str | None = None,
-             **kwargs: Any):
+             vision_attention: str = "packed", **kwargs: Any):
         """``(model, processor)`` from a directory or hub id (the processor from ``processor_path``
         when given); missing weights are an error; the processor's placeholder count and id are
-        checked against the model config."""
+        checked against the model config. ``vision_attention`` is only checked (the ViT attends in
+        one call)."""
+        check_vision_attention(vision_attention)
         try:
             processor = AutoProcessor.from_pretrained(processor_path or path)
         except ValueError as err:
@@ -100,6 +102,7 @@ class MPLUGOwl2Family(Family):
                 ) from err
             raise
         model = load_model_strict(AutoModelForImageTextToText, path, dtype=dtype, **kwargs)
+        self.set_vision_attention(model, vision_attention)
         self.resolve_frame_pixels(processor)
         processor.num_image_tokens = model.config.num_image_tokens
         if processor.image_token_id != model.config.image_token_index:

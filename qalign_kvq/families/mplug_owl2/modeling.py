@@ -452,6 +452,20 @@ def _position_ids(attention_mask: torch.Tensor | None, length: int, past: int, d
     return (positions - leading_pads).clamp(min=0)
 
 
+def _kept_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The hidden states to project onto the vocabulary, as transformers' ``slice_logits_to_keep``
+    (5.21+) selects them: an int keeps the last ``n`` positions (0: all), a 1-D tensor the same
+    positions of every row, a 2-D integer tensor ``(batch, n)`` positions per row, a 2-D boolean
+    ``(batch, length)`` mask its True positions (flattened to ``(kept, hidden)``)."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states[:, slice(-logits_to_keep, None), :]
+    if logits_to_keep.dim() == 2 and logits_to_keep.dtype == torch.bool:
+        return hidden_states[logits_to_keep]
+    if logits_to_keep.dim() == 2:
+        return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
+    return hidden_states[:, logits_to_keep, :]
+
+
 class MPLUGOwl2ForConditionalGeneration(MPLUGOwl2PreTrainedModel, GenerationMixin):
     """The full model (``model.*`` + ``lm_head``); ``forward`` returns logits and the LM loss."""
 
@@ -487,15 +501,16 @@ class MPLUGOwl2ForConditionalGeneration(MPLUGOwl2PreTrainedModel, GenerationMixi
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``pixel_values``: ``(N, 3, H, W)``, every image or video frame of the batch in order;
-        ``input_ids`` hold ``config.num_image_tokens`` placeholders for each of them."""
+        ``input_ids`` hold ``config.num_image_tokens`` placeholders for each of them.
+        ``logits_to_keep`` selects the positions projected onto the vocabulary as transformers'
+        models do (see :func:`_kept_positions`)."""
         out = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
             position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
         hidden_states = out.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.lm_head(_kept_positions(hidden_states, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
