@@ -206,6 +206,18 @@ def train_batch_sampler(train, data_args, training_args, family, processor) -> G
     return sampler
 
 
+def release_engine(trainer: transformers.Trainer) -> None:
+    """Once the model is saved and while the process group still lives: destroy the DeepSpeed engine
+    (its ZeRO-3 parameter hooks and communication handles) and collect what only cycles keep, so
+    that nothing holding tensors is left to the interpreter's shutdown, where it can abort a rank
+    that has finished ("terminate called without an active exception"). The log history and the
+    last predictions, which the recipe still reads, stay."""
+    import gc
+
+    trainer.accelerator.free_memory()
+    gc.collect()
+
+
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     """Run a recipe: ``argv`` as on the command line; ``callbacks``: extra ``TrainerCallback``s."""
     model_args, data_args, method, training_fields = parse_args(sys.argv[1:] if argv is None else argv)
@@ -303,6 +315,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     )
     out = save_outputs(trainer, processor, meta, training_args.output_dir)
     logger.info("saved %s", out)
+    release_engine(trainer)
     end_process_group()  # the last collective: what follows runs on process 0 alone, under no timeout
     if trainer.is_world_process_zero():
         validation = trainer.compute_metrics  # holds the last evaluation's predictions (the model saved)
