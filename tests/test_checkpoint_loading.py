@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qalign_kvq import infer
-from qalign_kvq.checkpoint import META_FILE, CheckpointMeta
+from qalign_kvq.checkpoint import CheckpointMeta
 from qalign_kvq.families.base import MissingWeightsError
 from qalign_kvq.loading import load_checkpoint
 from qalign_kvq.scorer import Scorer

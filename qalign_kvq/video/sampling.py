@@ -7,7 +7,6 @@ equally often, in temporal order) so callers always get exactly `k` frames.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
