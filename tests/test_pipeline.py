@@ -86,7 +86,7 @@ def test_a_worker_that_dies_on_a_file_is_recorded_and_the_rest_scored(scorer, vi
     assert outcomes[2].result is None and "the DataLoader worker reading it died" in outcomes[2].error
     assert all(o.result is not None for i, o in enumerate(outcomes) if i != 2)
     # in the main process (workers=0) the same file scores: the worker's death was the only fault
-    assert list(score_videos(scorer, items[2:3], workers=0))[0].result is not None
+    assert next(score_videos(scorer, items[2:3], workers=0)).result is not None
 
 
 @pytest.mark.slow
@@ -209,3 +209,14 @@ def test_two_ranks_with_workers_record_a_crash_and_a_corrupt_file(checkpoint, go
     assert "the DataLoader worker reading it died" in errors["crash.mp4"]
     assert "6 scored, 2 failed, 0 without a record, 8 this run" in results[0][1]
     assert all(r.get("score") for r in records if r["file"] not in errors)
+
+
+def test_a_model_ensemble_scores_as_one_video_at_a_time(checkpoint, video_corpus):  # noqa: F811
+    pair = Scorer.from_pretrained([str(checkpoint), str(checkpoint)], device="cpu", frames=4, weights=[1, 3],
+                                  batch_size=10)
+    paths = [video_corpus["landscape"], video_corpus["portrait"], video_corpus["landscape"]]
+    outcomes = list(score_videos(pair, [(str(i), p) for i, p in enumerate(paths)], workers=1))
+    for outcome, path in zip(outcomes, paths):
+        alone = pair.score(path)
+        assert outcome.result.score == pytest.approx(alone.score, abs=1e-6)
+        assert [m["score"] for m in outcome.result.models] == pytest.approx([m["score"] for m in alone.models])
