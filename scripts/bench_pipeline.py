@@ -18,8 +18,10 @@ does, timed from the first video to the last (model loading left out):
 * sequential, 2 threads: ``--workers 0`` with torch's default on this machine (2 threads);
 * pipelined: ``--workers 1``, the main process's forwards on 1 thread, one decoder thread in the worker.
 
-Then the pipelined variant scores ``--long`` list entries (the clips over and over, as distinct
-names) and prints the RSS of the main process and of its workers every 20 videos.
+CPU seconds per video (the process and its workers) are printed too: on a machine shared with other
+jobs the wall-clock ratio says how much of the 2 cores the run got, the CPU time what the pipeline
+costs. Then the pipelined variant scores ``--long`` list entries (the clips over and over, as distinct
+names) and prints the RSS and PSS of the main process and of its workers every 20 videos.
 """
 
 from __future__ import annotations
@@ -120,11 +122,15 @@ def calibrate(work: Path, clips: list[Path]) -> tuple[Path, dict]:
                    "forward_s": forward_s(Scorer.from_pretrained(str(model), device="cpu"))}
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def _memory_mb(pid: int) -> dict[str, float]:
+    """RSS and PSS (shared pages split among the processes mapping them: a forked worker's pages
+    that it shares with its parent count half in each) of a process, in MB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in ("Rss", "Pss"):
+            out[key.lower()] = int(line.split()[1]) / 1024
+    return out
 
 
 def _children(pid: int) -> list[int]:
@@ -147,16 +153,26 @@ def child(model: str, listing: str, workers: int, threads: int, output: str) -> 
     items = [(f"{i:04d}_{Path(p).name}", p) for i, p in enumerate(paths)]
     scorer = Scorer.from_pretrained(model, device="cpu")
     rss, scores = [], []
+    cpu0 = _cpu_s()
     t0 = time.perf_counter()
     for n, outcome in enumerate(score_videos(scorer, items, workers=workers), 1):
         record = outcome.record()
         append_record(Path(output), record)
         scores.append(record.get("score"))
         if n % 20 == 0:
-            kids = [_rss_mb(c) for c in _children(os.getpid())]
-            rss.append({"videos": n, "main_mb": round(_rss_mb(os.getpid())), "workers_mb": [round(k) for k in kids]})
+            main, kids = _memory_mb(os.getpid()), [_memory_mb(c) for c in _children(os.getpid())]
+            rss.append({"videos": n, "main": main, "workers": kids})
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "videos_per_s": len(items) / wall, "scores": scores, "rss": rss}
+    return {"wall_s": wall, "videos_per_s": len(items) / wall, "cpu_s_per_video": (_cpu_s() - cpu0) / len(items),
+            "scores": scores, "rss": rss}
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its children that have ended (the loader's workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_variant(model: Path, paths: list[Path], workers: int, threads: int, work: Path) -> dict:
@@ -195,8 +211,8 @@ def main() -> None:
     for name, (workers, threads) in variants.items():
         results[name] = run_variant(model, clips, workers, threads, work)
         r = results[name]
-        print(f"| {name} | --workers {workers} | {r['wall_s']:.1f} s | {r['videos_per_s']:.3f} videos/s |",
-              flush=True)
+        print(f"| {name} | --workers {workers} | {r['wall_s']:.1f} s | {r['videos_per_s']:.3f} videos/s | "
+              f"{r['cpu_s_per_video']:.2f} CPU s/video |", flush=True)
     piped = results["pipelined, 1 worker"]
     for name in ("sequential, 1 thread", "sequential, 2 threads"):
         base = results[name]
@@ -207,9 +223,12 @@ def main() -> None:
     if args.long:
         long = [clips[i % len(clips)] for i in range(args.long)]
         r = run_variant(model, long, 1, 1, work)
-        print(f"long run: {args.long} videos, {r['videos_per_s']:.3f} videos/s; RSS every 20 videos (MB):")
+        print(f"long run: {args.long} videos, {r['videos_per_s']:.3f} videos/s; memory every 20 videos (MB):")
         for sample in r["rss"]:
-            print(f"  {sample['videos']:4d}: main {sample['main_mb']}, workers {sample['workers_mb']}")
+            main, kids = sample["main"], sample["workers"]
+            print(f"  {sample['videos']:4d}: main RSS {main['rss']:.0f} PSS {main['pss']:.0f}; worker RSS "
+                  f"{[round(k['rss']) for k in kids]} PSS {[round(k['pss']) for k in kids]}; PSS total "
+                  f"{main['pss'] + sum(k['pss'] for k in kids):.0f}")
         print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
