@@ -6,10 +6,16 @@
     accelerate launch -m qalign_kvq.infer --videos test.csv --model M --output pred.jsonl
     python -m qalign_kvq.infer --calibrate truth.csv --model DIR               # affine map -> MOS
 
+Batch scoring is pipelined (:mod:`qalign_kvq.pipeline`, :mod:`qalign_kvq.view_batches`): reading,
+frame sampling, views and the processor run in ``--workers`` DataLoader worker processes (default:
+the CPUs of the process less one, at most 8; 0 is the sequential path), the forwards in the main
+process, with ``--views-per-forward`` views of several videos in one forward. A file a worker cannot
+read, or one a worker dies on, gets its error record and the run goes on.
+
 Batch output: ``.jsonl`` holds one record per video (errors as ``{"file", "error"}``); ``.csv`` is
 the submission format ``filename,score``, written atomically (errors left out) from the records
 kept beside it in ``<output>.jsonl``. Every record is appended as one complete line and fsync'ed,
-so a kill loses at most the video in flight; a rerun skips the files that already have a record
+so a kill loses at most the videos in flight; a rerun skips the files that already have a record
 (``--retry-errors`` scores the failed ones again), and a finished run leaves the records in input
 order. Under ``accelerate launch`` process 0 lists what is left to score and hands it out, each process
 scores its share into ``<records>.part<rank>`` (the output folder must be shared by all, which is
@@ -28,18 +34,20 @@ its settings (the record's ``protocol`` then lists them).
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import json
+import os
 import secrets
 import sys
-import traceback
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
+from qalign_kvq.batch_inputs import VIDEO_EXTENSIONS, UsageError, collect_inputs, read_csv_names  # noqa: F401
 from qalign_kvq.loading import DEFAULT_MODEL
+from qalign_kvq.pipeline import DeviceError, WorkerError, default_workers, error_reason
 from qalign_kvq.records import (
     append_record,
     check_shared_folder,
@@ -54,51 +62,6 @@ from qalign_kvq.records import (
     write_submission_csv,
 )
 from qalign_kvq.scoring import PROTOCOLS
-
-VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".flv", ".3gp", ".ts", ".mpg", ".mpeg"}
-
-
-class UsageError(Exception):
-    """Bad command-line input (exit code 2)."""
-
-
-class DeviceError(Exception):
-    """The accelerator failed (exit code 3): nothing more can be scored in this process."""
-
-
-# ----- inputs ----------------------------------------------------------------------------------
-def read_csv_names(path: Path) -> list[str]:
-    """The ``filename`` column (else the first column) of a CSV with a header."""
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header:
-            raise UsageError(f"{path}: empty CSV")
-        col = header.index("filename") if "filename" in header else 0
-        return [row[col].strip() for row in reader if row and row[col].strip()]
-
-
-def collect_inputs(items: Sequence[str], root: str | None = None) -> list[tuple[str, Path]]:
-    """``(name, path)`` of every video to score, in order, without duplicate names. A folder gives
-    its video files (recursively, names relative to it), a CSV its ``filename`` column (relative to
-    the CSV's folder), anything else is a file; ``root`` replaces those bases."""
-    out: dict[str, Path] = {}
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            base = Path(root) if root else path
-            for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()):
-                out.setdefault(file.relative_to(base).as_posix() if file.is_relative_to(base) else str(file), file)
-        elif path.suffix.lower() == ".csv":
-            if not path.is_file():
-                raise UsageError(f"{path}: no such CSV file")
-            base = Path(root) if root else path.parent
-            for name in read_csv_names(path):
-                out.setdefault(name, base / name)
-        else:
-            out.setdefault(item, Path(root) / item if root else path)
-    return list(out.items())
-
 
 # ----- scoring -----------------------------------------------------------------------------------
 #: Command-line flags that set a protocol's ViewOptions field of the same name (None: the protocol's own).
@@ -117,38 +80,53 @@ def build_scorer(args, device=None):
         overrides["batch_size"] = args.views_per_forward
     return Scorer.from_pretrained(args.model or [DEFAULT_MODEL], device=device or args.device, dtype=args.dtype,
                                   weights=args.model_weight, protocol=args.protocol, attn_implementation=args.attn,
-                                  frame_pixels=args.frame_pixels,
-                                  vision_attention=args.vision_attention, **overrides)
+                                  frame_pixels=args.frame_pixels, vision_attention=args.vision_attention,
+                                  processor_device=args.processor_device, **overrides)
 
 
 def score_one(scorer, name: str, path: Path) -> dict:
     """A record for one video: the score, or ``{"file", "error"}`` with the reason. Any exception of
-    the video's becomes its error record (an unexpected type also prints its traceback); CUDA
-    out-of-memory too (views too large for the GPU: a smaller --views-per-forward may fit). What is
-    not the video's propagates: KeyboardInterrupt, SystemExit, and a device failure as DeviceError."""
-    import torch
-
-    from qalign_kvq.video import VideoError
-
+    the video's becomes its error record (:func:`qalign_kvq.pipeline.error_reason`: an unexpected
+    type also prints its traceback; CUDA out-of-memory says to try a smaller --views-per-forward).
+    What is not the video's propagates: KeyboardInterrupt, SystemExit, and a device failure as
+    DeviceError."""
     try:
         record = scorer.score(path).to_record()
-    except VideoError as err:
-        return {"file": name, "error": err.reason}
-    except torch.OutOfMemoryError as err:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        first = str(err).splitlines()[0] if str(err) else ""
-        return {"file": name, "error": f"OutOfMemoryError: {first} (try --views-per-forward with fewer views)"}
-    except torch.AcceleratorError as err:
-        raise DeviceError(f"{name}: {err}") from err
-    except (OSError, ValueError, RuntimeError) as err:
-        return {"file": name, "error": f"{type(err).__name__}: {err}"}
-    except Exception as err:  # noqa: BLE001 (a bug met on this file: record it, go on with the others)
-        print(f"unexpected {type(err).__name__} scoring {name} (recorded as its error):", file=sys.stderr)
-        traceback.print_exc()
-        return {"file": name, "error": f"{type(err).__name__}: {err}"}
+    except Exception as err:  # noqa: BLE001 (the video's error record)
+        return {"file": name, "error": error_reason(name, err)}
     record["file"] = name
     return record
+
+
+def batch_workers(args, videos: int, processes: int = 1) -> int:
+    """``--workers``, else :func:`qalign_kvq.pipeline.default_workers`."""
+    return args.workers if args.workers is not None else default_workers(videos, processes)
+
+
+@contextlib.contextmanager
+def main_threads(workers: int, processes: int = 1):
+    """Leave the workers their cores: the forwards' torch threads at most the process's share of
+    the CPUs less ``workers`` (never raised; put back afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers > 0:
+        torch.set_num_threads(max(1, min(before, cpus // max(1, processes) - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def score_stream(scorer, items, args, processes: int = 1):
+    """The records of ``(name, path)`` items in input order, from the pipeline."""
+    from qalign_kvq.view_batches import score_videos
+
+    workers = batch_workers(args, len(items), processes)
+    with main_threads(workers, processes):
+        for outcome in score_videos(scorer, items, workers=workers, prefetch=args.prefetch):
+            yield outcome.record()
 
 
 def plan_batch(args) -> dict:
@@ -204,9 +182,11 @@ def run_batch(args) -> int:
             print(f"process {state.process_index}/{state.num_processes}: {len(mine)} of {len(todo)} videos to score",
                   file=sys.stderr)
         scorer = build_scorer(args, device=state.device if distributed else None)
-        for name, path in tqdm(mine, desc=f"scoring [{state.process_index}]" if distributed else "scoring",
-                               unit="video", disable=args.no_progress or not state.is_local_main_process):
-            append_record(target, score_one(scorer, name, path))
+        node = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))  # processes sharing the CPUs
+        for record in tqdm(score_stream(scorer, mine, args, node), total=len(mine),
+                           desc=f"scoring [{state.process_index}]" if distributed else "scoring", unit="video",
+                           disable=args.no_progress or not state.is_local_main_process):
+            append_record(target, record)
         state.wait_for_everyone()
         # process 0 counts what every process wrote (part files opened by name) and tells all of them
         summary = broadcast(tally(records, plan["names"], state.num_processes) if state.is_main_process else None)
@@ -253,8 +233,9 @@ def run_calibrate(args) -> int:
     base = Path(args.root) if args.root else truth_path.parent
     scorer = build_scorer(args)
     scores, mos = [[] for _ in dirs], []
-    for name, value in tqdm(list(truth.items()), desc="calibrating", unit="video", disable=args.no_progress):
-        record = score_one(scorer, name, base / name)
+    records = score_stream(scorer, [(name, base / name) for name in truth], args)
+    for record in tqdm(records, total=len(truth), desc="calibrating", unit="video", disable=args.no_progress):
+        name, value = record["file"], truth[record["file"]]
         if "error" in record:
             print(f"skipped {name}: {record['error']}", file=sys.stderr)
             continue
@@ -302,7 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-sandwich", action="store_true", help="crop detected sandwich videos to their content band")
     p.add_argument("--frame-pixels", type=int,
                    help="per-frame pixel budget (default: the one stored with the checkpoint / the model's own)")
-    p.add_argument("--views-per-forward", type=int, help="views per model forward (default: all views at once)")
+    p.add_argument("--views-per-forward", type=int,
+                   help="views per model forward, across videos in a batch (default: one video's views)")
+    p.add_argument("--workers", type=int,
+                   help="DataLoader worker processes reading and preparing videos (default: the CPUs of the "
+                        "process less one, at most 8; 0: one video after the other in this process)")
+    p.add_argument("--prefetch", type=int, default=2, help="videos each worker prepares ahead (default: 2)")
+    p.add_argument("--processor-device",
+                   help="run the processors' resizing and normalising on this device (e.g. cuda), in the main "
+                        "process; the workers then only read frames and cut views")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
     p.add_argument("--attn", help="attention implementation: sdpa, eager, flash_attention_2 (needs flash-attn)... "
@@ -325,9 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ((args.frames is not None and args.frames < 1) or (args.crop_ratio is not None and not 0 < args.crop_ratio <= 1)
                 or (args.center_weight is not None and args.center_weight < 0) or (args.fps is not None and args.fps <= 0)
                 or (args.max_frames is not None and args.max_frames < 1)
-                or (args.frame_pixels is not None and args.frame_pixels < 1)):
+                or (args.frame_pixels is not None and args.frame_pixels < 1)
+                or (args.workers is not None and args.workers < 0) or args.prefetch < 1
+                or (args.views_per_forward is not None and args.views_per_forward < 1)):
             raise UsageError("need --frames >= 1, --fps > 0, --max-frames >= 1, 0 < --crop-ratio <= 1, "
-                             "--center-weight >= 0, --frame-pixels >= 1")
+                             "--center-weight >= 0, --frame-pixels >= 1, --workers >= 0, --prefetch >= 1, "
+                             "--views-per-forward >= 1")
         if args.video:
             return run_single(args)
         if args.calibrate:
@@ -335,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_batch(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except WorkerError as err:
+        print(f"error: {err}. The records written so far are kept; a rerun scores the rest", file=sys.stderr)
         return 2
     except DeviceError as err:
         print(f"error: device failure, stopped: {err}. The records written so far are kept; a rerun scores the "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -78,7 +78,7 @@ class Scorer:
 
     def __init__(self, models: Sequence[LoadedModel], weights: Sequence[float] | None = None,
                  options: ViewOptions | None = None, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, processor_device: str | None = None):
         if not models:
             raise ValueError("a Scorer needs at least one model")
         if weights is not None and len(weights) != len(models):
@@ -90,20 +90,26 @@ class Scorer:
         self.weights = list(weights) if weights is not None else [1.0] * len(models)
         self.options = options or ViewOptions()
         self.device, self.dtype = torch.device(device), dtype
+        for lm in self.models:
+            lm.family.check_processor_device(processor_device)
+        #: Where the processors resize and normalise pixels (None: the CPU; e.g. "cuda").
+        self.processor_device = processor_device
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike | Sequence[str | os.PathLike] = DEFAULT_MODEL,
                         device=None, dtype=None, weights: Sequence[float] | None = None,
                         options: ViewOptions | None = None, protocol: str | None = None,
                         attn_implementation: str | None = None, frame_pixels: int | None = None,
-                        vision_attention: str = "packed", **view_options) -> Scorer:
+                        vision_attention: str = "packed", processor_device: str | None = None,
+                        **view_options) -> Scorer:
         """Load one checkpoint (directory or hub id; default: the public OneAlign) or several (a
         list: a model ensemble). The protocol is ``protocol`` if given, else the one the
         checkpoints name (they must agree); keyword arguments beyond these change its
         :class:`ViewOptions` fields (``frames=8``...); ``options`` replaces it whole.
         ``frame_pixels`` replaces the per-frame pixel budget stored with the checkpoints;
         ``attn_implementation`` goes to ``from_pretrained`` (e.g. ``flash_attention_2``);
-        ``vision_attention`` is ``packed`` (Qwen-VL, one call per layer) or ``stock``."""
+        ``vision_attention`` is ``packed`` (Qwen-VL, one call per layer) or ``stock``;
+        ``processor_device`` (e.g. ``cuda``) runs the processors' pixel work there."""
         paths = [path_or_id] if isinstance(path_or_id, (str, os.PathLike)) else list(path_or_id)
         dev, dt = default_device_dtype(device, dtype)
         overrides = {"frame_pixels": frame_pixels} if frame_pixels is not None else None
@@ -115,7 +121,7 @@ class Scorer:
             loaded.append(LoadedModel(str(path), model, processor, family, meta, ids))
         if options is None:
             options = resolve_protocol(loaded, protocol, view_options)
-        return cls(loaded, weights, options, dev, dt)
+        return cls(loaded, weights, options, dev, dt, processor_device)
 
     # ----- entry points -------------------------------------------------------------------
     def score(self, path: str | os.PathLike) -> ScoreResult:
@@ -123,8 +129,7 @@ class Scorer:
         files raise :class:`qalign_kvq.video.VideoError` naming the file and the reason."""
         t0 = time.perf_counter()
         info = probe(path)
-        cap = min((c for c in (lm.context_frames() for lm in self.models) if c), default=None)
-        indices = self.options.frame_indices(info.num_frames, info.fps, cap)
+        indices = self.options.frame_indices(info.num_frames, info.fps, self.frame_cap())
         clip = read_frames(path, indices)
         decode = time.perf_counter() - t0
         timing = ClipTiming(tuple(indices), info.fps, info.num_frames) if info.fps > 0 else None
@@ -133,14 +138,29 @@ class Scorer:
         result.timing["total_s"] += decode
         return result
 
-    def score_many(self, paths: Iterable[str | os.PathLike]) -> list[ScoreResult]:
-        """Score several video files one after the other (each video's views in one batch)."""
-        return [self.score(path) for path in paths]
+    def score_many(self, paths: Iterable[str | os.PathLike], workers: int = 0, prefetch: int = 2
+                   ) -> Iterator[ScoreResult]:
+        """Score video files, yielding the results in input order: read, sampled, cut into views and
+        processed in ``workers`` DataLoader worker processes (0: here, one after the other), at most
+        ``prefetch`` videos ahead each, while this process runs the forwards (``options.batch_size``
+        views per forward, across videos; None: one video's views). A file that cannot be scored
+        raises its error when its turn comes, as :meth:`score` would (and ends the iteration);
+        :func:`qalign_kvq.view_batches.score_videos` yields error outcomes and goes on."""
+        from qalign_kvq.view_batches import score_videos
+
+        for outcome in score_videos(self, [(str(p), p) for p in paths], workers=workers, prefetch=prefetch):
+            if outcome.result is None:
+                raise outcome.exception
+            yield outcome.result
+
+    def frame_cap(self) -> int | None:
+        """The most frames every model's context holds (None: no model knows)."""
+        return min((c for c in (lm.context_frames() for lm in self.models) if c), default=None)
 
     def score_frames(self, clip: np.ndarray, file: str | None = None, timing: ClipTiming | None = None) -> ScoreResult:
         """Score frames already in memory: ``(T, H, W, 3)`` uint8 RGB (T == 1: an image); ``timing``
         says which frames of which video they are (Qwen2.5-VL / Qwen3-VL read the times from it)."""
-        clip = _check_clip(clip)
+        clip = check_clip(clip)
         t0 = time.perf_counter()
         views = make_views(clip, self.options)
         return self._score_views(views, file, clip.shape[0], time.perf_counter() - t0, timing)
@@ -160,15 +180,26 @@ class Scorer:
     def _score_views(self, views: Views, file: str | None, frames: int, t_views: float,
                      timing: ClipTiming | None = None) -> ScoreResult:
         t_proc = t_model = 0.0
-        per_model: list[ModelScore] = []
-        tokens = None
+        probs, tokens = [], None
         for i, lm in enumerate(self.models):
             scored = clip_level_probs(lm.model, lm.processor, lm.family, views.clips, lm.level_ids,
                                       lm.meta.question, self.options.batch_size, self.device, self.dtype,
-                                      timing=timing, answer_prefix=lm.meta.answer_prefix)
+                                      timing=timing, answer_prefix=lm.meta.answer_prefix,
+                                      processor_device=self.processor_device)
             t_proc, t_model = t_proc + scored.processor_s, t_model + scored.model_s
             tokens = scored.visual_tokens if i == 0 else tokens
-            per_model.append(ModelScore.from_view_probs(scored.probs, views.weights, lm.meta, self.options.scale))
+            probs.append(scored.probs)
+        return self.assemble(views.names, views.weights, views.sandwich_box, probs, file, frames, tokens,
+                             {"views_s": t_views, "processor_s": t_proc, "model_s": t_model,
+                              "total_s": t_views + t_proc + t_model})
+
+    def assemble(self, view_names: Sequence[str], view_weights: np.ndarray, sandwich_box,
+                 view_probs: Sequence[np.ndarray], file: str | None, frames: int, tokens: list[int] | None,
+                 timing: dict[str, float]) -> ScoreResult:
+        """The result of one video from each model's level probabilities of its views
+        ``(n_views, n_levels)``: views combined by their weights, then the models by theirs."""
+        per_model = [ModelScore.from_view_probs(p, view_weights, lm.meta, self.options.scale)
+                     for p, lm in zip(view_probs, self.models)]
         combined = per_model[0] if len(per_model) == 1 else ensemble(per_model, self.weights)
         words = self.models[0].meta.level_words
         models = None
@@ -178,11 +209,8 @@ class Scorer:
         return ScoreResult(
             file=file, score=combined.score, score_1_5=combined.score_1_5,
             probs=probs_by_word(combined.probs, words), uncertainty=combined.uncertainty,
-            views=list(views.names), frames=frames, protocol=self.options.name, view_tokens=tokens,
-            sandwich_box=list(views.sandwich_box) if views.sandwich_box else None,
-            timing={"views_s": t_views, "processor_s": t_proc, "model_s": t_model,
-                    "total_s": t_views + t_proc + t_model},
-            models=models)
+            views=list(view_names), frames=frames, protocol=self.options.name, view_tokens=tokens,
+            sandwich_box=list(sandwich_box) if sandwich_box else None, timing=timing, models=models)
 
 
 def resolve_protocol(models: Sequence[LoadedModel], name: str | None, overrides: dict[str, Any]) -> ViewOptions:
@@ -201,7 +229,7 @@ def resolve_protocol(models: Sequence[LoadedModel], name: str | None, overrides:
     return named_protocol(name, models[0].family, **overrides)
 
 
-def _check_clip(clip: np.ndarray) -> np.ndarray:
+def check_clip(clip: np.ndarray) -> np.ndarray:
     clip = np.asarray(clip)
     if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8 or clip.shape[0] == 0:
         raise ValueError(f"a clip must be a non-empty (T, H, W, 3) uint8 array, got {clip.shape} {clip.dtype}")

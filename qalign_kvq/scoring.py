@@ -150,9 +150,10 @@ class ViewScores:
 def clip_level_probs(model, processor, family, clips: Sequence[np.ndarray], level_ids: Sequence[int],
                      question: str, batch_size: int | None = None, device: torch.device | str = "cpu",
                      dtype: torch.dtype | None = None, timing: ClipTiming | None = None,
-                     answer_prefix: str = ANSWER_PREFIX) -> ViewScores:
+                     answer_prefix: str = ANSWER_PREFIX, processor_device: str | None = None) -> ViewScores:
     """Level probabilities ``(len(clips), len(level_ids))`` of clips (views of one video, sharing
-    ``timing``); ``batch_size`` clips per forward (None: all in one)."""
+    ``timing``); ``batch_size`` clips per forward (None: all in one); ``processor_device``: where
+    the processor resizes and normalises the pixels (default: the CPU)."""
     import time
 
     step = batch_size or len(clips)
@@ -161,7 +162,7 @@ def clip_level_probs(model, processor, family, clips: Sequence[np.ndarray], leve
         t0 = time.perf_counter()
         part = list(clips[start:start + step])
         inputs = family.build_inputs(processor, part, question, timings=[timing] * len(part),
-                                     answer_prefix=answer_prefix).to(device, dtype)
+                                     answer_prefix=answer_prefix, device=processor_device).to(device, dtype)
         t1 = time.perf_counter()
         probs = level_probs(model, inputs, list(level_ids))
         out.append(probs.float().cpu().numpy())

@@ -46,7 +46,7 @@ def test_score_file_many_frames(scorer, sample_video, video_corpus):
     clip = read_frames(sample_video, uniform_indices(probe(sample_video).num_frames, 8))
     assert scorer.score_frames(clip).score == pytest.approx(result.score, abs=1e-6)
     others = [video_corpus["portrait"], video_corpus["sandwich_blur"]]
-    many = scorer.score_many([sample_video, *others])
+    many = list(scorer.score_many([sample_video, *others]))
     assert [r.file for r in many] == [str(p) for p in [sample_video, *others]]
     assert many[0].score == pytest.approx(result.score, abs=1e-6)
     assert len({round(r.score, 6) for r in many}) == 3

@@ -149,6 +149,9 @@ class Family:
     authors_fps: float = 1.0
     #: Whether the videos of one batch must have the same number of frames (the processor stacks them).
     equal_frame_counts: bool = False
+    #: Whether the processor's image/video processors take ``device`` (transformers' torchvision
+    #: backends: resizing and normalising run there).
+    processor_takes_device: bool = True
 
     def __init__(self, frame_pixels: int | None = None) -> None:
         self.frame_pixels = _check_pixels(frame_pixels)
@@ -245,9 +248,11 @@ class Family:
         return {"do_sample_frames": False}
 
     def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray],
-                       timings: Sequence[ClipTiming | None] | None = None) -> dict[str, torch.Tensor]:
+                       timings: Sequence[ClipTiming | None] | None = None,
+                       device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """Run the processor on texts and clips (images when ``T == 1``); returns every key. The
-        padding side is passed explicitly: some processors (InternVL) otherwise impose their own."""
+        padding side is passed explicitly: some processors (InternVL) otherwise impose their own.
+        ``device``: where the image/video processors resize and normalise (their outputs stay there)."""
         timings = list(timings) if timings is not None else [None] * len(clips)
         images = [clip[0] for clip in clips if clip.shape[0] == 1]
         videos = [clip for clip in clips if clip.shape[0] > 1]
@@ -263,7 +268,17 @@ class Family:
             kwargs.update(self.video_kwargs(videos, [t for c, t in zip(clips, timings) if c.shape[0] > 1]))
         self.resolve_frame_pixels(processor)
         kwargs.update(self.media_kwargs(processor, images, videos))
+        if device is not None:
+            self.check_processor_device(device)
+            for key, present in (("images_kwargs", images), ("videos_kwargs", videos)):
+                if present:
+                    kwargs[key] = {**kwargs.get(key, {}), "device": str(device)}
         return dict(processor(**kwargs))
+
+    def check_processor_device(self, device: str | torch.device | None) -> None:
+        """Refuse a processor device the family's processor cannot use."""
+        if device is not None and not self.processor_takes_device:
+            raise ValueError(f"{self.name}: its image processor runs on the CPU only (no processor device)")
 
     def visual_token_ids(self, processor) -> set[int]:
         """Ids of the placeholders the processor writes for visual tokens."""
@@ -284,11 +299,13 @@ class Family:
         padding_side: str = "left",
         timings: Sequence[ClipTiming | None] | None = None,
         answer_prefix: str = ANSWER_PREFIX,
+        device: str | torch.device | None = None,
     ) -> ModelInputs:
         """Process a batch of clips. Without ``level_words`` (scoring) each prompt ends with the
         answer prefix; with them (training) the answers follow and ``labels`` mask all but the
         answer tokens. Questions and the answer prefix say "image" for single-frame clips. Left
-        padding puts every scoring position last (``logits_to_keep=1``)."""
+        padding puts every scoring position last (``logits_to_keep=1``). ``device``: where the
+        processor works on the pixels (see :meth:`processor_call`)."""
         if isinstance(questions, str):
             questions = [questions] * len(clips)
         words = list(level_words) if level_words is not None else [None] * len(clips)
@@ -312,7 +329,7 @@ class Family:
         old_side = tokenizer.padding_side
         tokenizer.padding_side = padding_side
         try:
-            batch = self.processor_call(processor, fulls, clips, timings)
+            batch = self.processor_call(processor, fulls, clips, timings, device)
         finally:
             tokenizer.padding_side = old_side
         mask = batch["attention_mask"]

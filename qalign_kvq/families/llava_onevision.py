@@ -54,11 +54,11 @@ class LlavaOneVisionFamily(FixedSizeFamily):
         side = math.ceil(math.isqrt(int(processor.num_image_tokens)) / 2)
         return side * side
 
-    def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray], timings=None):
+    def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray], timings=None, device=None):
         """Images (``T == 1``) are shrunk to fit the tower's frame first: one anyres tile."""
         height, width = tower_size(processor)
         clips = [fit_within(clip, height, width) if clip.shape[0] == 1 else clip for clip in clips]
-        return super().processor_call(processor, texts, clips, timings)
+        return super().processor_call(processor, texts, clips, timings, device)
 
     def template_texts(self, processor, question: str, clip: np.ndarray, level_word: str | None,
                        answer_prefix: str = ANSWER_PREFIX) -> tuple[str, str]:

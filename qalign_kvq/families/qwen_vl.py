@@ -169,12 +169,12 @@ class Qwen3VLFamily(_QwenVLFamily):
                 "cap_pixels_per_frame": True}
         return out
 
-    def processor_call(self, processor, texts, clips, timings=None):
+    def processor_call(self, processor, texts, clips, timings=None, device=None):
         video = processor.video_processor
         saved = video.max_video_tokens
         self.resolve_frame_pixels(processor)
         video.max_video_tokens = self._frame_tokens(processor)
         try:
-            return super().processor_call(processor, texts, clips, timings)
+            return super().processor_call(processor, texts, clips, timings, device)
         finally:
             video.max_video_tokens = saved

@@ -66,6 +66,7 @@ class MPLUGOwl2Family(Family):
     projector_prefixes = ("model.visual_abstractor.",)
     language_prefixes = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
     zero_shot_options = {"prompt_layout": "question_first"}
+    processor_takes_device = False  # a PIL image processor
 
     def __init__(self, prompt_layout: str = "vicuna_v1", frame_pixels: int | None = None) -> None:
         super().__init__(frame_pixels)
@@ -130,9 +131,11 @@ class MPLUGOwl2Family(Family):
         return super().answer_head(prompt, answer_prefix).rstrip(" ")
 
     def processor_call(self, processor, texts: list[str], clips: Sequence[np.ndarray],
-                       timings=None) -> dict[str, torch.Tensor]:
+                       timings=None, device=None) -> dict[str, torch.Tensor]:
         """Every clip fills its text's single slot: an image when ``T == 1``, else all its frames
-        (mPLUG-Owl2 has no notion of time: ``timings`` are not used)."""
+        (mPLUG-Owl2 has no notion of time: ``timings`` are not used; its PIL image processor has
+        no ``device``)."""
+        self.check_processor_device(device)
         self.resolve_frame_pixels(processor)
         return dict(processor(text=texts, images=list(clips), return_tensors="pt", padding=True))
 
