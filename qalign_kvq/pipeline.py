@@ -275,8 +275,10 @@ def _load(spec, remaining: list[_Item], workers: int, prefetch: int, out: queue.
                 if not _put(out, stop, ("item", prepared)):
                     return
             remaining = []
-        except RuntimeError as err:
-            if not str(err).startswith("DataLoader worker"):
+        except (RuntimeError, OSError, EOFError) as err:
+            # torch names a dead worker; a worker that died before this process took the tensors of
+            # the video it had just sent (they are fetched from the sender) shows as EOFError/OSError
+            if not (str(err).startswith("DataLoader worker") or _a_worker_died(slots)):
                 raise
             lost = remaining[delivered:]
             culprits = _in_flight_of_dead(slots, {item.index for item in lost if not item.crashed})
@@ -288,6 +290,18 @@ def _load(spec, remaining: list[_Item], workers: int, prefetch: int, out: queue.
             remaining = [replace(item, crashed=reason) if item.index in culprits else item for item in lost]
         finally:
             del iterator  # shuts its workers down
+
+
+def _a_worker_died(slots, wait_s: float = 5.0) -> bool:
+    """Whether a worker process of ``slots`` is gone (or goes within ``wait_s``: it may be dying)."""
+    pids = [slots[k] for k in range(0, len(slots), 2) if slots[k] > 0]
+    deadline = time.monotonic() + wait_s
+    while True:
+        if any(not _alive(pid) for pid in pids):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _in_flight_of_dead(slots, wanted: set[int]) -> set[int]:
