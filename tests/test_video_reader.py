@@ -33,6 +33,8 @@ EXPECTED = {
     "trimmed": (320, 180, 37, "h264", 0),  # 50 frames in the file, the first 13 hidden by an edit list
     "one_frame": (320, 180, 1, "h264", 0),
     "tiny": (32, 14, 25, "h264", 0),
+    "mpegts": (320, 136, 100, "h264", 0),
+    "raw_h264": (320, 180, 50, "h264", 0),
     "uhd4k": (3840, 2160, 8, "h264", 0),
 }
 BROKEN_ERRORS = {
@@ -67,7 +69,7 @@ def test_probe_and_read_every_clip(video_corpus, name):
     assert clip.std() > 5  # real content, not a blank buffer
 
 
-@pytest.mark.parametrize("name", ["landscape", "rotated", "vfr", "trimmed", "hevc10", "vp9"])
+@pytest.mark.parametrize("name", ["landscape", "rotated", "vfr", "trimmed", "hevc10", "vp9", "mpegts", "raw_h264"])
 def test_frames_match_ffmpeg_cli(video_corpus, name):
     """Frame i is the i-th displayed frame, the same one ffmpeg's select=eq(n,i) gives (VFR and edit lists
     included)."""
@@ -80,6 +82,35 @@ def test_frames_match_ffmpeg_cli(video_corpus, name):
         if 0 < i:
             other = read_frames(video_corpus[name], [i - 1], backend="pyav")[0].astype(int)
             assert np.abs(other - ref).mean() > np.abs(ours - ref).mean()
+
+
+def _decode_all(path):
+    """Every frame of a decode from the start of the file (no seek), as PyAV gives them, in RGB."""
+    import av
+
+    with av.open(str(path)) as c:
+        return [frame.to_ndarray(format="rgb24") for frame in c.decode(c.streams.video[0])]
+
+
+@pytest.mark.parametrize("name", ["mpegts", "raw_h264"])
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+def test_streams_that_cannot_seek_by_time(video_corpus, name, backend):
+    """MPEG-TS (a seek to a keyframe's presentation time lands after the keyframe) and a raw H.264
+    stream (no timestamps; the file cannot seek): probe counts the frames, and any frames, in any
+    order, are byte-identical to those of a decode from the start."""
+    path = video_corpus[name]
+    every = _decode_all(path)
+    info = probe(path)
+    assert info.num_frames == len(every) and info.fps == 25
+    assert info.duration == pytest.approx(len(every) / 25, abs=0.05)
+    idx = uniform_indices(info.num_frames, 12)
+    order = [*idx, len(every) - 1, 0, idx[5], 1]  # backward jumps after the last frame
+    clip = read_frames(path, order, backend=backend)
+    assert clip.shape == (len(order), *every[0].shape)
+    for k, i in enumerate(order):
+        assert np.array_equal(clip[k], every[i]), (name, k, i)
+    with pytest.raises(IndexError, match="out of range"):
+        read_frames(path, [0, len(every)], backend=backend)
 
 
 @pytest.mark.parametrize("name", ["landscape", "portrait", "sandwich_blur", "rotated", "vfr", "trimmed", "one_frame",
