@@ -85,11 +85,37 @@ def test_frames_match_ffmpeg_cli(video_corpus, name):
 
 
 def _decode_all(path):
-    """Every frame of a decode from the start of the file (no seek), as PyAV gives them, in RGB."""
+    """Every frame of a decode from the start of the file (no seek, no frame skipped), as PyAV gives
+    them, in RGB, display rotation applied."""
     import av
 
     with av.open(str(path)) as c:
-        return [frame.to_ndarray(format="rgb24") for frame in c.decode(c.streams.video[0])]
+        return [np.rot90(frame.to_ndarray(format="rgb24"), round(frame.rotation / 90) % 4)
+                for frame in c.decode(c.streams.video[0])]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_frames_equal_a_full_decode(video_corpus, name):
+    """Seeking and skipping the decoding of frames no other frame refers to (H.264, HEVC) leave the
+    frames read byte-identical to those of a full decode from the start: 12 frames and every frame."""
+    every = _decode_all(video_corpus[name])
+    assert len(every) == EXPECTED[name][2]
+    for idx in (uniform_indices(len(every), 12), list(range(len(every)))):
+        clip = read_frames(video_corpus[name], idx, backend="pyav")
+        for k, i in enumerate(idx):
+            assert np.array_equal(clip[k], every[i]), (name, k, i)
+
+
+@pytest.mark.parametrize("name", ["landscape", "hevc10", "mpegts"])
+def test_unreferenced_frames_are_not_decoded(video_corpus, name):
+    """The B-frames no frame refers to are skipped unless wanted (so the test above checks skipping)."""
+    import av
+
+    from qalign_kvq.video.reader import _frames
+
+    with av.open(str(video_corpus[name])) as c:
+        decoded = sum(1 for _ in _frames(c, c.streams.video[0], keep=set()))
+    assert 0 < decoded < 0.8 * EXPECTED[name][2]
 
 
 @pytest.mark.parametrize("name", ["mpegts", "raw_h264"])

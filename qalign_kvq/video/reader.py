@@ -171,6 +171,24 @@ def decode_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+#: Codecs whose FFmpeg decoders, told to skip non-reference frames, leave every other frame
+#: byte-identical (tests/test_video_reader.py checks each against a full decode).
+SKIP_NONREF_CODECS = frozenset({"h264", "hevc"})
+
+
+def _frames(container, stream, keep: set[int] | None) -> Iterator[av.VideoFrame]:
+    """Frames decoded from the container's position on. With `keep` (pts of the frames wanted) and a
+    codec of :data:`SKIP_NONREF_CODECS`, frames no other frame refers to are not decoded unless
+    kept: a B-frame of H.264 costs decoding time, and most frames of a clip are never shown to
+    the model."""
+    cc = stream.codec_context
+    skip = keep is not None and cc.name in SKIP_NONREF_CODECS
+    for packet in container.demux(stream):
+        if skip:
+            cc.skip_frame = "DEFAULT" if packet.size == 0 or packet.pts in keep else "NONREF"
+        yield from packet.decode()
+
+
 def _set_threads(stream, threads: int | None) -> None:
     stream.thread_type = "AUTO"  # frame + slice threads, at most `threads` of them
     stream.codec_context.thread_count = decode_threads() if threads is None else threads
@@ -188,19 +206,20 @@ def _decode_from_start(p: Path, wanted: list[int], pts: list[int] | None, thread
     with _open(p) as c:
         st = c.streams.video[0]
         _set_threads(st, threads)
-        k, n = 0, 0
-        for n, frame in enumerate(c.decode(st), start=1):
+        k = 0
+        keep = None if pts is None else {pts[i] for i in todo}
+        for n, frame in enumerate(_frames(c, st, keep)):
             while k < len(todo):
                 i = todo[k]
-                hit = (frame.pts is not None and frame.pts >= pts[i]) if pts is not None else n - 1 == i
+                hit = (frame.pts is not None and frame.pts >= pts[i]) if pts is not None else n == i
                 if not hit:
                     break
                 got[i] = _to_rgb(frame, _rotation(frame))
                 k += 1
             if k == len(todo):
                 return
-    raise VideoDecodeError(p, f"frame {todo[k]} could not be decoded: decoding from the start ended after {n} "
-                              f"frames (damaged or truncated?)")
+    raise VideoDecodeError(p, f"frame {todo[k]} could not be decoded: the stream ended first, decoding from the "
+                              f"start (damaged or truncated?)")
 
 
 def _decode_to(frames: Iterator[av.VideoFrame], target: int, starts: set[int] | None):
@@ -251,7 +270,8 @@ def _read_pyav(p: Path, order: list[int], threads: int | None = None) -> np.ndar
     with _open(p) as c:
         st = c.streams.video[0]
         _set_threads(st, threads)
-        frames, last = c.decode(st), None  # decoded-frame iterator and the pts of the last frame it gave
+        keep = starts | {pts[i] for i in wanted}  # frames that must be decoded, all others may be skipped
+        frames, last = _frames(c, st, keep), None  # decoded-frame iterator and the pts of the last frame it gave
         for i in wanted:
             target = pts[i]
             key = keys[max(0, np.searchsorted(keys, target, side="right") - 1)] if keys else pts[0]
@@ -266,7 +286,7 @@ def _read_pyav(p: Path, order: list[int], threads: int | None = None) -> np.ndar
                         c.seek(seek, stream=st, backward=True)
                     except av.error.FFmpegError:  # a stream that cannot seek back: decode from the start
                         break
-                    frames, last = c.decode(st), None
+                    frames, last = _frames(c, st, keep), None
                 landed = _decode_to(frames, target, starts if seek is not None else None)
                 if landed is not None:
                     break
