@@ -125,12 +125,14 @@ def probe(path: str | Path) -> VideoInfo:
     with _open(p) as c:
         st = c.streams.video[0]
         num_frames = _header_frames(st)
-        if num_frames <= 0:  # Matroska/WebM, MPEG-TS, raw streams keep no count: count packets, decode nothing
+        counted = num_frames <= 0
+        if counted:  # Matroska/WebM, MPEG-TS, raw streams keep no count: count packets, decode nothing
             table = _packet_table(c, st)
             num_frames = len(table[0]) if table else _count_packets(p)
         if num_frames <= 0:
             raise EmptyVideoError(p, "the video stream has no frames")
-        with _open(p) as fresh:  # a new open starts at the first packet (raw streams cannot seek back)
+        # after counting, a new open starts at the first packet (raw streams cannot seek back)
+        with _open(p) if counted else contextlib.nullcontext(c) as fresh:
             try:
                 first = next(fresh.decode(fresh.streams.video[0]), None)
             except av.error.FFmpegError as e:
