@@ -33,6 +33,7 @@ EXPECTED = {
     "trimmed": (320, 180, 37, "h264", 0),  # 50 frames in the file, the first 13 hidden by an edit list
     "one_frame": (320, 180, 1, "h264", 0),
     "tiny": (32, 14, 25, "h264", 0),
+    "gops": (320, 136, 100, "h264", 0),
     "mpegts": (320, 136, 100, "h264", 0),
     "raw_h264": (320, 180, 50, "h264", 0),
     "uhd4k": (3840, 2160, 8, "h264", 0),
@@ -69,7 +70,8 @@ def test_probe_and_read_every_clip(video_corpus, name):
     assert clip.std() > 5  # real content, not a blank buffer
 
 
-@pytest.mark.parametrize("name", ["landscape", "rotated", "vfr", "trimmed", "hevc10", "vp9", "mpegts", "raw_h264"])
+@pytest.mark.parametrize("name", ["landscape", "rotated", "vfr", "trimmed", "hevc10", "vp9", "gops", "mpegts",
+                                  "raw_h264"])
 def test_frames_match_ffmpeg_cli(video_corpus, name):
     """Frame i is the i-th displayed frame, the same one ffmpeg's select=eq(n,i) gives (VFR and edit lists
     included)."""
@@ -104,6 +106,17 @@ def test_frames_equal_a_full_decode(video_corpus, name):
         clip = read_frames(video_corpus[name], idx, backend="pyav")
         for k, i in enumerate(idx):
             assert np.array_equal(clip[k], every[i]), (name, k, i)
+
+
+@pytest.mark.parametrize("name", ["gops", "mpegts"])
+def test_gops_decoded_side_by_side_give_the_same_frames(video_corpus, name):
+    """With 4 threads the GOPs of the wanted frames are decoded at once (5 GOPs in each file), with 1
+    one after the other: the same frames, in any order asked for."""
+    every = _decode_all(video_corpus[name])
+    order = [97, 3, 50, 22, 71, 3, 44, 99, 60]
+    for threads in (1, 4):
+        clip = read_frames(video_corpus[name], order, backend="pyav", threads=threads)
+        assert all(np.array_equal(clip[k], every[i]) for k, i in enumerate(order)), (name, threads)
 
 
 @pytest.mark.parametrize("name", ["landscape", "hevc10", "mpegts"])

@@ -8,7 +8,9 @@ Frame `i` is the i-th frame shown, in presentation order, as ffmpeg's select=eq(
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +175,10 @@ def decode_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+#: Most GOPs of one video decoded at once (each in its own thread and open of the file), within the
+#: reader's threads: a decoder's frame threads speed it up far less than decoders side by side.
+MAX_PARALLEL_GOPS = 4
+
 #: Codecs whose FFmpeg decoders, told to skip non-reference frames, leave every other frame
 #: byte-identical (tests/test_video_reader.py checks each against a full decode).
 SKIP_NONREF_CODECS = frozenset({"h264", "hevc"})
@@ -239,11 +245,11 @@ def _decode_to(frames: Iterator[av.VideoFrame], target: int, starts: set[int] | 
 
 
 def _read_pyav(p: Path, order: list[int], threads: int | None = None) -> np.ndarray:
-    """Decode only the GOPs that hold the wanted frames: seek to the keyframe before a target unless
-    decoding on from the current position reaches it sooner. A stream without timestamps (raw
-    H.264) is decoded from the start, and so is the rest of the frames once a seek lands wrong
-    (after its target, or not on a GOP's first frame, as in MPEG-TS): the frames are always those
-    of a decode from the start."""
+    """Decode only the GOPs that hold the wanted frames, each from its keyframe on to its last wanted
+    frame; with several threads, up to :data:`MAX_PARALLEL_GOPS` GOPs at once (the threads shared
+    among them). A stream without timestamps (raw H.264) is decoded from the start, and so are the
+    frames a seek did not reach (it landed after its target, or not on a GOP's first frame, as in
+    MPEG-TS): the frames are always those of a decode from the start."""
     with _open(p) as c:
         st = c.streams.video[0]
         table = _packet_table(c, st)
@@ -269,35 +275,58 @@ def _read_pyav(p: Path, order: list[int], threads: int | None = None) -> np.ndar
                                   f"frame {wanted[-1]} was asked for (truncated?)")
     # the first frame shown from each keyframe on: where a decode after a good seek starts
     starts = {pts[j] for j in np.searchsorted(pts, keys) if j < len(pts)} if keys else {pts[0]}
+    gops: dict[int, list[int]] = {}  # keyframe -> the wanted frames decoded from it
+    for i in wanted:
+        gops.setdefault(keys[max(0, np.searchsorted(keys, pts[i], side="right") - 1)] if keys else pts[0], []).append(i)
+    total = decode_threads() if threads is None else threads or os.cpu_count() or 1
+    workers = min(len(gops), total, MAX_PARALLEL_GOPS)
+    first_key = keys[0] if keys else pts[0]
+
+    def read(gop: tuple[int, list[int]]) -> dict[int, np.ndarray]:
+        key, items = gop
+        share = threads if workers == 1 else max(1, total // workers)
+        return _read_gop(p, key, items, pts, starts, key_dts.get(key), key == first_key, share)
+
+    if workers <= 1:
+        parts = [read(gop) for gop in gops.items()]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(read, gops.items()))
+    for part in parts:
+        got.update(part)
+    _decode_from_start(p, wanted, pts, threads, got)  # what a seek did not reach, if any
+    return np.stack([got[i] for i in order])
+
+
+def _read_gop(p: Path, key: int, items: list[int], pts: list[int], starts: set[int], key_dts: int | None,
+              at_start: bool, threads: int | None) -> dict[int, np.ndarray]:
+    """Frames `items` (sorted, all after keyframe `key`) from one open of the file: seek to the
+    keyframe (unless it is the first: a fresh open starts there), retried at its decoding time
+    (MPEG-TS seeks by it), then decode on. Frames it cannot reach (a seek that lands past its
+    target or inside a GOP, a stream that cannot seek, an early end) are left out."""
+    got: dict[int, np.ndarray] = {}
     with _open(p) as c:
         st = c.streams.video[0]
         _set_threads(st, threads)
-        keep = starts | {pts[i] for i in wanted}  # frames that must be decoded, all others may be skipped
-        frames, last = _frames(c, st, keep), None  # decoded-frame iterator and the pts of the last frame it gave
-        for i in wanted:
-            target = pts[i]
-            key = keys[max(0, np.searchsorted(keys, target, side="right") - 1)] if keys else pts[0]
-            at_start = last is None and key == (keys[0] if keys else pts[0])
-            seeks = [] if at_start or (last is not None and key <= last < target) else [key]
-            if seeks and key_dts.get(key, key) != key:
-                seeks.append(key_dts[key])  # MPEG-TS seeks by decoding time: pts lands after the keyframe
-            landed = None
-            for seek in seeks or [None]:
-                if seek is not None:
-                    try:
-                        c.seek(seek, stream=st, backward=True)
-                    except av.error.FFmpegError:  # a stream that cannot seek back: decode from the start
-                        break
-                    frames, last = _frames(c, st, keep), None
-                landed = _decode_to(frames, target, starts if seek is not None else None)
-                if landed is not None:
-                    break
-            if landed is None or landed[1] is None:  # landed wrong or ended early: decode the rest from the start
+        keep = starts | {pts[i] for i in items}  # frames that must be decoded, all others may be skipped
+        frames = _frames(c, st, keep)
+        landed = _decode_to(frames, pts[items[0]], None) if at_start else None
+        for seek in [] if at_start else [key] + ([key_dts] if key_dts not in (None, key) else []):
+            try:
+                c.seek(seek, stream=st, backward=True)
+            except av.error.FFmpegError:  # a stream that cannot seek back
+                return got
+            frames = _frames(c, st, keep)
+            landed = _decode_to(frames, pts[items[0]], starts)
+            if landed is not None:
                 break
-            last, frame = landed
-            got[i] = _to_rgb(frame, _rotation(frame))
-    _decode_from_start(p, wanted, pts, threads, got)
-    return np.stack([got[i] for i in order])
+        for k, i in enumerate(items):
+            if k:
+                landed = _decode_to(frames, pts[i], None)
+            if landed is None or landed[1] is None:
+                return got
+            got[i] = _to_rgb(landed[1], _rotation(landed[1]))
+    return got
 
 
 def _read_decord(p: Path, order: list[int], num_frames: int) -> np.ndarray:
