@@ -191,9 +191,10 @@ def _frames(container, stream, keep: set[int] | None) -> Iterator[av.VideoFrame]
     the model."""
     cc = stream.codec_context
     skip = keep is not None and cc.name in SKIP_NONREF_CODECS
+    mode = None
     for packet in container.demux(stream):
-        if skip:
-            cc.skip_frame = "DEFAULT" if packet.size == 0 or packet.pts in keep else "NONREF"
+        if skip and mode != (want := "DEFAULT" if packet.size == 0 or packet.pts in keep else "NONREF"):
+            cc.skip_frame = mode = want  # set on change only (frame threads copy it at each packet)
         yield from packet.decode()
 
 
