@@ -36,7 +36,7 @@ from qalign_kvq.checkpoint import CheckpointMeta
 from qalign_kvq.families.base import ANSWER_PREFIX, ClipTiming
 from qalign_kvq.levels import LEVEL_WORDS, expected_score, score_std
 from qalign_kvq.modeling import level_probs
-from qalign_kvq.video.crops import DEFAULT_VIEW_RATIO, five_crop_views, view_weights
+from qalign_kvq.video.crops import DEFAULT_VIEW_RATIO, five_crop_views, planar_clip, view_weights
 from qalign_kvq.video.sampling import per_second_indices, uniform_indices
 from qalign_kvq.video.sandwich import detect_sandwich
 
@@ -118,7 +118,9 @@ class Views:
 
 def make_views(clip: np.ndarray, options: ViewOptions) -> Views:
     """Sandwich crop (when detected and enabled), then FiveCrop shared by all frames, or the whole
-    clip as the only view (``views="full"``)."""
+    clip as the only view (``views="full"``). The crops are slices of one planar copy of the clip
+    (:func:`~qalign_kvq.video.crops.planar_clip`), which the processor call reads without further
+    per-pixel copies."""
     box = None
     if options.crop_sandwich:
         info = detect_sandwich(clip)
@@ -128,7 +130,7 @@ def make_views(clip: np.ndarray, options: ViewOptions) -> Views:
             clip = clip[:, top:bottom, left:right]
     if options.views == "full":
         return Views(["full"], [clip], np.ones(1), box)
-    crops = five_crop_views(clip, options.crop_ratio, include_full=options.include_full)
+    crops = five_crop_views(planar_clip(clip), options.crop_ratio, include_full=options.include_full, copy=False)
     weights = view_weights(options.center_weight, options.include_full)
     names = list(crops)
     w = np.array([float(weights[name]) for name in names])

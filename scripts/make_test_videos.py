@@ -51,6 +51,15 @@ CLIPS: dict[str, tuple[str, list[str]]] = {
     "trimmed": ("trimmed.mp4", ["-i", str(BUNNY), "-t", "2", "-vf", "scale=320:180", *X264, "-an"]),
     "one_frame": ("one_frame.mp4", ["-i", str(BUNNY), "-frames:v", "1", "-vf", "scale=320:180", *X264, "-an"]),
     "tiny": ("tiny.mp4", ["-i", str(BIKES), "-t", "1", "-vf", "scale=32:14", *X264, "-an"]),
+    # five GOPs (a keyframe every 20 frames) in MP4: the reader decodes GOPs side by side
+    "gops": ("gops.mp4", ["-i", str(BIKES), "-t", "4", "-vf", "scale=320:136", *X264, "-g", "20",
+                          "-sc_threshold", "0", "-an"]),
+    # MPEG-TS (broadcast, camera and HLS segments): GOPs of at most 25 frames, B-frames; seeking by a keyframe's
+    # presentation time lands after it (the demuxer seeks by decoding time)
+    "mpegts": ("mpegts.ts", ["-i", str(BIKES), "-t", "4", "-vf", "scale=320:136", *X264, "-g", "25", "-an"]),
+    # a raw H.264 elementary stream: no container, no timestamps, cannot seek
+    "raw_h264": ("raw.h264", ["-i", str(BUNNY), "-t", "2", "-vf", "scale=320:180", *X264, "-g", "12", "-an",
+                              "-f", "h264"]),
     "uhd4k": ("uhd4k.mp4", [
         "-i", str(BUNNY), "-frames:v", "8", "-vf", "scale=3840:2160", "-c:v", "libx264", "-preset", "ultrafast",
         "-pix_fmt", "yuv420p", "-an"]),

@@ -209,3 +209,20 @@ def test_bench_gpu_real_size_processor_is_the_hub_checkpoints(tmp_path):
     view = np.zeros((12, 1536, 864, 3), np.uint8)  # a FiveCrop view of a 1080x1920 frame
     grid = family.build_inputs(processor, [view]).batch["video_grid_thw"][0].tolist()
     assert grid == [6, 72, 40] and family.frame_pixels == 768 * 28 * 28
+
+
+def test_bench_one_video_plain_baseline_gives_our_score(tmp_path, sample_video):
+    """The plain-transformers baseline reads the same frames and gives the same score as Scorer.score
+    (the script exits 1 otherwise), and the report has the per-video seconds of both. 48 frames: 12
+    evenly spaced ones span the video as Qwen2.5-VL's timing of both scripts assumes (as the 300
+    frames of the benchmark clip do)."""
+    video = tmp_path / "48_frames.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-i", str(sample_video), "-frames:v", "48", "-c:v",
+                    "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(video)], check=True, timeout=60)
+    run = _run(["scripts/bench_one_video.py", "--repeats", "1", "--threads", "1", "--video", str(video)], tmp_path)
+    text = run.stdout[run.stdout.index("\n{") + 1 if not run.stdout.startswith("{") else 0:]
+    report = json.loads(text[: text.rindex("}") + 1])
+    assert report["same_frame_indices"] and report["same_frame_pixels"]
+    assert report["score_1_5"]["abs_diff"] <= 1e-5 and 1 <= report["score_1_5"]["ours"] <= 5
+    assert len(report["seconds"]["plain"]) == len(report["seconds"]["ours"]) == 1
+    assert report["plain_over_ours"] > 0 and report["ours_split_median_s"]["decode_s"] > 0

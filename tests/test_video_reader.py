@@ -33,6 +33,9 @@ EXPECTED = {
     "trimmed": (320, 180, 37, "h264", 0),  # 50 frames in the file, the first 13 hidden by an edit list
     "one_frame": (320, 180, 1, "h264", 0),
     "tiny": (32, 14, 25, "h264", 0),
+    "gops": (320, 136, 100, "h264", 0),
+    "mpegts": (320, 136, 100, "h264", 0),
+    "raw_h264": (320, 180, 50, "h264", 0),
     "uhd4k": (3840, 2160, 8, "h264", 0),
 }
 BROKEN_ERRORS = {
@@ -67,7 +70,8 @@ def test_probe_and_read_every_clip(video_corpus, name):
     assert clip.std() > 5  # real content, not a blank buffer
 
 
-@pytest.mark.parametrize("name", ["landscape", "rotated", "vfr", "trimmed", "hevc10", "vp9"])
+@pytest.mark.parametrize("name", ["landscape", "rotated", "vfr", "trimmed", "hevc10", "vp9", "gops", "mpegts",
+                                  "raw_h264"])
 def test_frames_match_ffmpeg_cli(video_corpus, name):
     """Frame i is the i-th displayed frame, the same one ffmpeg's select=eq(n,i) gives (VFR and edit lists
     included)."""
@@ -80,6 +84,72 @@ def test_frames_match_ffmpeg_cli(video_corpus, name):
         if 0 < i:
             other = read_frames(video_corpus[name], [i - 1], backend="pyav")[0].astype(int)
             assert np.abs(other - ref).mean() > np.abs(ours - ref).mean()
+
+
+def _decode_all(path):
+    """Every frame of a decode from the start of the file (no seek, no frame skipped), as PyAV gives
+    them, in RGB, display rotation applied."""
+    import av
+
+    with av.open(str(path)) as c:
+        return [np.rot90(frame.to_ndarray(format="rgb24"), round(frame.rotation / 90) % 4)
+                for frame in c.decode(c.streams.video[0])]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_frames_equal_a_full_decode(video_corpus, name):
+    """Seeking and skipping the decoding of frames no other frame refers to (H.264, HEVC) leave the
+    frames read byte-identical to those of a full decode from the start: 12 frames and every frame."""
+    every = _decode_all(video_corpus[name])
+    assert len(every) == EXPECTED[name][2]
+    for idx in (uniform_indices(len(every), 12), list(range(len(every)))):
+        clip = read_frames(video_corpus[name], idx, backend="pyav")
+        for k, i in enumerate(idx):
+            assert np.array_equal(clip[k], every[i]), (name, k, i)
+
+
+@pytest.mark.parametrize("name", ["gops", "mpegts"])
+def test_gops_decoded_side_by_side_give_the_same_frames(video_corpus, name):
+    """With 4 threads the GOPs of the wanted frames are decoded at once (5 GOPs in each file), with 1
+    one after the other: the same frames, in any order asked for."""
+    every = _decode_all(video_corpus[name])
+    order = [97, 3, 50, 22, 71, 3, 44, 99, 60]
+    for threads in (1, 4):
+        clip = read_frames(video_corpus[name], order, backend="pyav", threads=threads)
+        assert all(np.array_equal(clip[k], every[i]) for k, i in enumerate(order)), (name, threads)
+
+
+@pytest.mark.parametrize("name", ["landscape", "hevc10", "mpegts"])
+def test_unreferenced_frames_are_not_decoded(video_corpus, name):
+    """The B-frames no frame refers to are skipped unless wanted (so the test above checks skipping)."""
+    import av
+
+    from qalign_kvq.video.reader import _frames
+
+    with av.open(str(video_corpus[name])) as c:
+        decoded = sum(1 for _ in _frames(c, c.streams.video[0], keep=set()))
+    assert 0 < decoded < 0.8 * EXPECTED[name][2]
+
+
+@pytest.mark.parametrize("name", ["mpegts", "raw_h264"])
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+def test_streams_that_cannot_seek_by_time(video_corpus, name, backend):
+    """MPEG-TS (a seek to a keyframe's presentation time lands after the keyframe) and a raw H.264
+    stream (no timestamps; the file cannot seek): probe counts the frames, and any frames, in any
+    order, are byte-identical to those of a decode from the start."""
+    path = video_corpus[name]
+    every = _decode_all(path)
+    info = probe(path)
+    assert info.num_frames == len(every) and info.fps == 25
+    assert info.duration == pytest.approx(len(every) / 25, abs=0.05)
+    idx = uniform_indices(info.num_frames, 12)
+    order = [*idx, len(every) - 1, 0, idx[5], 1]  # backward jumps after the last frame
+    clip = read_frames(path, order, backend=backend)
+    assert clip.shape == (len(order), *every[0].shape)
+    for k, i in enumerate(order):
+        assert np.array_equal(clip[k], every[i]), (name, k, i)
+    with pytest.raises(IndexError, match="out of range"):
+        read_frames(path, [0, len(every)], backend=backend)
 
 
 @pytest.mark.parametrize("name", ["landscape", "portrait", "sandwich_blur", "rotated", "vfr", "trimmed", "one_frame",

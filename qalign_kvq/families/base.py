@@ -264,7 +264,7 @@ class Family:
             if self.equal_frame_counts and len({len(video) for video in videos}) > 1:
                 raise ValueError(f"{self.name}: the clips of one batch must have the same number of frames "
                                  f"(got {sorted(len(video) for video in videos)}); the processor stacks them")
-            kwargs["videos"] = videos
+            kwargs["videos"] = [processor_video(video) for video in videos]
             kwargs.update(self.video_kwargs(videos, [t for c, t in zip(clips, timings) if c.shape[0] > 1]))
         self.resolve_frame_pixels(processor)
         kwargs.update(self.media_kwargs(processor, images, videos))
@@ -380,6 +380,18 @@ class Family:
                     raise ValueError(f"{self.name}: in the training conversation the level word {word!r} is not "
                                      f"token {token} (the one scoring reads) right after the prompt")
         return ids
+
+
+def processor_video(clip: np.ndarray) -> np.ndarray | torch.Tensor:
+    """A clip as the video processor gets it: a planar clip (``qalign_kvq.video.crops.planar_clip``,
+    e.g. a scoring view) as a ``(T, 3, H, W)`` tensor over the same memory (the processor stacks
+    or resizes it as is: the pixels are not copied one by one into channels-first order, and the
+    processed values are the same); any other clip unchanged."""
+    from qalign_kvq.video.crops import is_planar
+
+    if isinstance(clip, np.ndarray) and is_planar(clip):
+        return torch.from_numpy(clip).permute(0, 3, 1, 2)
+    return clip
 
 
 def _check_pixels(value: int | None) -> int | None:

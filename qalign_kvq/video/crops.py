@@ -1,7 +1,9 @@
 """Clip operations: the training augmentation (one shared random crop, random temporal reverse) and the
 scoring views (FiveCrop on every frame, plus the full frame), with torchvision's functional transforms.
 
-A clip is a uint8 RGB array (T, H, W, 3); every function returns new arrays of that layout.
+A clip is a uint8 RGB array (T, H, W, 3); every function returns new arrays of that shape (the
+scoring views, on request, as slices of the clip: no copy). :func:`planar_clip` lays a clip out
+as the processors' torch path reads it, colour planes one after the other.
 """
 
 from __future__ import annotations
@@ -57,16 +59,43 @@ def augment_clip_reversed(clip: np.ndarray, rng: np.random.Generator, crop_ratio
     return _as_clip(t), reversed_
 
 
+def five_crop_boxes(height: int, width: int, ratio: float = DEFAULT_VIEW_RATIO) -> dict[str, tuple[int, int, int, int]]:
+    """``(top, left, height, width)`` of each FiveCrop view of a ``height`` x ``width`` frame, keyed
+    as :data:`VIEW_NAMES`: the boxes of torchvision's ``five_crop`` (centre rounded as its
+    ``center_crop``)."""
+    h, w = _crop_size(height, width, ratio)
+    if h > height or w > width:
+        raise ValueError(f"crop {h}x{w} larger than the frame {height}x{width}")
+    centre = (int(round((height - h) / 2.0)), int(round((width - w) / 2.0)))
+    corners = ((0, 0), (0, width - w), (height - h, 0), (height - h, width - w), centre)
+    return {name: (top, left, h, w) for name, (top, left) in zip(VIEW_NAMES, corners)}
+
+
 def five_crop_views(clip: np.ndarray, ratio: float = DEFAULT_VIEW_RATIO,
-                    include_full: bool = False) -> dict[str, np.ndarray]:
+                    include_full: bool = False, copy: bool = True) -> dict[str, np.ndarray]:
     """FiveCrop applied identically to every frame: five clips of size ratio x (H, W), keyed
-    top_left, top_right, bottom_left, bottom_right, center; plus `full` (the clip itself) on request."""
+    top_left, top_right, bottom_left, bottom_right, center; plus `full` (the clip itself) on request.
+    ``copy=False`` returns slices of `clip` (no copy; they share its memory)."""
     _check_clip(clip)
-    size = _crop_size(clip.shape[1], clip.shape[2], ratio)
-    views = {name: _as_clip(v) for name, v in zip(VIEW_NAMES, F.five_crop(_as_tensor(clip), list(size)))}
+    boxes = five_crop_boxes(clip.shape[1], clip.shape[2], ratio)
+    views = {name: clip[:, top:top + h, left:left + w] for name, (top, left, h, w) in boxes.items()}
     if include_full:
-        views["full"] = np.ascontiguousarray(clip)
-    return views
+        views["full"] = clip
+    return {name: np.ascontiguousarray(v) for name, v in views.items()} if copy else views
+
+
+def planar_clip(clip: np.ndarray) -> np.ndarray:
+    """The clip (T, H, W, 3) with each frame's memory holding its R, G and B planes one after the
+    other ((T, 3, H, W) in memory, seen as (T, H, W, 3)): slices of it are what a video processor's
+    torch path reads without copying pixels one by one (see ``Family.processor_call``)."""
+    _check_clip(clip)
+    return _as_tensor(clip).contiguous().numpy().transpose(0, 2, 3, 1)
+
+
+def is_planar(clip: np.ndarray) -> bool:
+    """Whether a (T, H, W, 3) array lies in memory as :func:`planar_clip` lays it (rows of one
+    colour contiguous, the colours one plane apart)."""
+    return clip.ndim == 4 and clip.strides[2] == clip.itemsize and clip.strides[3] >= clip.strides[1] * clip.shape[1]
 
 
 def view_weights(center_weight: float = 2.0, include_full: bool = False, full_weight: float = 1.0) -> dict[str, float]:

@@ -8,7 +8,9 @@ Frame `i` is the i-th frame shown, in presentation order, as ffmpeg's select=eq(
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +84,12 @@ def _to_rgb(frame: av.VideoFrame, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, rotation // 90)) if rotation else rgb
 
 
-def _packet_table(container, stream) -> tuple[list[int], list[int]] | None:
-    """Presentation timestamps of all shown frames (sorted) and of the keyframes, from packets (no
-    decoding). Packets an edit list discards (e.g. after a trim without re-encoding) are decoded as
-    references but never shown, so they are not frames. None when some packet has no timestamp."""
-    pts, keys = [], []
+def _packet_table(container, stream) -> tuple[list[int], list[int], dict[int, int]] | None:
+    """Presentation timestamps of all shown frames (sorted) and of the keyframes, and each keyframe's
+    decoding timestamp, from packets (no decoding). Packets an edit list discards (e.g. after a trim
+    without re-encoding) are decoded as references but never shown, so they are not frames. None
+    when some packet has no timestamp."""
+    pts, keys, key_dts = [], [], {}
     for packet in container.demux(stream):
         if packet.size == 0:
             continue
@@ -94,9 +97,17 @@ def _packet_table(container, stream) -> tuple[list[int], list[int]] | None:
             return None
         if packet.is_keyframe:
             keys.append(packet.pts)
+            if packet.dts is not None:
+                key_dts[packet.pts] = packet.dts
         if not packet.is_discard:
             pts.append(packet.pts)
-    return sorted(pts), sorted(keys)
+    return sorted(pts), sorted(keys), key_dts
+
+
+def _count_packets(p: Path) -> int:
+    """Packets with data of the video stream, from a fresh open (for streams without timestamps)."""
+    with _open(p) as c:
+        return sum(1 for packet in c.demux(c.streams.video[0]) if packet.size)
 
 
 def _header_frames(stream) -> int:
@@ -116,16 +127,18 @@ def probe(path: str | Path) -> VideoInfo:
     with _open(p) as c:
         st = c.streams.video[0]
         num_frames = _header_frames(st)
-        if num_frames <= 0:  # Matroska/WebM and raw streams keep no count: count packets, decode nothing
+        counted = num_frames <= 0
+        if counted:  # Matroska/WebM, MPEG-TS, raw streams keep no count: count packets, decode nothing
             table = _packet_table(c, st)
-            num_frames = len(table[0]) if table else sum(1 for pk in c.demux(st) if pk.size)
-            c.seek(0)
+            num_frames = len(table[0]) if table else _count_packets(p)
         if num_frames <= 0:
             raise EmptyVideoError(p, "the video stream has no frames")
-        try:
-            first = next(c.decode(st), None)
-        except av.error.FFmpegError as e:
-            raise VideoDecodeError(p, f"the first frame cannot be decoded ({e.strerror or e})") from e
+        # after counting, a new open starts at the first packet (raw streams cannot seek back)
+        with _open(p) if counted else contextlib.nullcontext(c) as fresh:
+            try:
+                first = next(fresh.decode(fresh.streams.video[0]), None)
+            except av.error.FFmpegError as e:
+                raise VideoDecodeError(p, f"the first frame cannot be decoded ({e.strerror or e})") from e
         if first is None:
             raise EmptyVideoError(p, "no frame of the video stream can be decoded")
         rotation = _rotation(first)
@@ -162,9 +175,82 @@ def decode_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+#: Most GOPs of one video decoded at once (each in its own thread and open of the file), within the
+#: reader's threads: a decoder's frame threads speed it up far less than decoders side by side.
+MAX_PARALLEL_GOPS = 4
+
+#: Codecs whose FFmpeg decoders, told to skip non-reference frames, leave every other frame
+#: byte-identical (tests/test_video_reader.py checks each against a full decode).
+SKIP_NONREF_CODECS = frozenset({"h264", "hevc"})
+
+
+def _frames(container, stream, keep: set[int] | None) -> Iterator[av.VideoFrame]:
+    """Frames decoded from the container's position on. With `keep` (pts of the frames wanted) and a
+    codec of :data:`SKIP_NONREF_CODECS`, frames no other frame refers to are not decoded unless
+    kept: a B-frame of H.264 costs decoding time, and most frames of a clip are never shown to
+    the model."""
+    cc = stream.codec_context
+    skip = keep is not None and cc.name in SKIP_NONREF_CODECS
+    mode = None
+    for packet in container.demux(stream):
+        if skip and mode != (want := "DEFAULT" if packet.size == 0 or packet.pts in keep else "NONREF"):
+            cc.skip_frame = mode = want  # set on change only (frame threads copy it at each packet)
+        yield from packet.decode()
+
+
+def _set_threads(stream, threads: int | None) -> None:
+    stream.thread_type = "AUTO"  # frame + slice threads, at most `threads` of them
+    stream.codec_context.thread_count = decode_threads() if threads is None else threads
+
+
+def _decode_from_start(p: Path, wanted: list[int], pts: list[int] | None, threads: int | None,
+                       got: dict[int, np.ndarray]) -> None:
+    """Decode forward from a fresh open of the file (no seek: raw streams cannot, and some
+    containers land past the target) and fill `got` with the frames `wanted` still lacks. With
+    `pts` (the shown frames' timestamps) frame i is the first frame at or after pts[i], as in the
+    seek path; without, the i-th frame the decoder gives."""
+    todo = [i for i in wanted if i not in got]
+    if not todo:
+        return
+    with _open(p) as c:
+        st = c.streams.video[0]
+        _set_threads(st, threads)
+        k = 0
+        keep = None if pts is None else {pts[i] for i in todo}
+        for n, frame in enumerate(_frames(c, st, keep)):
+            while k < len(todo):
+                i = todo[k]
+                hit = (frame.pts is not None and frame.pts >= pts[i]) if pts is not None else n == i
+                if not hit:
+                    break
+                got[i] = _to_rgb(frame, _rotation(frame))
+                k += 1
+            if k == len(todo):
+                return
+    raise VideoDecodeError(p, f"frame {todo[k]} could not be decoded: the stream ended first, decoding from the "
+                              f"start (damaged or truncated?)")
+
+
+def _decode_to(frames: Iterator[av.VideoFrame], target: int, starts: set[int] | None):
+    """Decode on to the first frame at or after `target`: ``(its pts, frame)``, ``(last pts, None)``
+    when the stream ends first, None when the first frame is not in `starts` at or before the
+    target or no frame comes (a seek that landed wrong; `starts` None: no check)."""
+    last, first = None, True
+    for frame in frames:
+        if starts is not None and first and not (frame.pts in starts and frame.pts <= target):
+            return None
+        last, first = frame.pts, False
+        if frame.pts is not None and frame.pts >= target:
+            return last, frame
+    return None if starts is not None and first else (last, None)
+
+
 def _read_pyav(p: Path, order: list[int], threads: int | None = None) -> np.ndarray:
-    """Decode only the GOPs that hold the wanted frames: seek to the keyframe before a target unless
-    decoding on from the current position reaches it sooner. One open of the file, no full probe."""
+    """Decode only the GOPs that hold the wanted frames, each from its keyframe on to its last wanted
+    frame; with several threads, up to :data:`MAX_PARALLEL_GOPS` GOPs at once (the threads shared
+    among them). A stream without timestamps (raw H.264) is decoded from the start, and so are the
+    frames a seek did not reach (it landed after its target, or not on a GOP's first frame, as in
+    MPEG-TS): the frames are always those of a decode from the start."""
     with _open(p) as c:
         st = c.streams.video[0]
         table = _packet_table(c, st)
@@ -176,42 +262,72 @@ def _read_pyav(p: Path, order: list[int], threads: int | None = None) -> np.ndar
         if not order:
             w, h = st.codec_context.width, st.codec_context.height
             return np.empty((0, h, w, 3), np.uint8)
-        wanted = sorted(set(order))
-        st.thread_type = "AUTO"  # frame + slice threads, at most `threads` of them
-        st.codec_context.thread_count = decode_threads() if threads is None else threads
-        got: dict[int, np.ndarray] = {}
-        if table is None:  # no timestamps: count the shown frames while decoding from the start
-            c.seek(0)
-            for i, frame in enumerate(c.decode(st)):
-                if i in wanted:
-                    got[i] = _to_rgb(frame, _rotation(frame))
-                if i >= wanted[-1]:
-                    break
-            missing = [i for i in wanted if i not in got]
-            if missing:
-                raise IndexError(f"{p}: frame indices {missing[:5]} out of range for a video of {i + 1} frames")
-            return np.stack([got[i] for i in order])
-        pts, keys = table
-        if not pts:
-            raise EmptyVideoError(p, f"the header lists {num_frames} frames but the file holds no frame data")
-        if wanted[-1] >= len(pts):
-            raise VideoDecodeError(p, f"the header lists {num_frames} frames but the file holds {len(pts)}; "
-                                      f"frame {wanted[-1]} was asked for (truncated?)")
-        frames, last = None, None  # decoded-frame iterator and the pts of the last frame it gave
-        for i in wanted:
-            target = pts[i]
-            key = keys[max(0, np.searchsorted(keys, target, side="right") - 1)] if keys else pts[0]
-            if frames is None or last is None or not key <= last < target:
-                c.seek(key, stream=st, backward=True)
-                frames, last = c.decode(st), None
-            for frame in frames:
-                last = frame.pts
-                if frame.pts is not None and frame.pts >= target:
-                    got[i] = _to_rgb(frame, _rotation(frame))
-                    break
-            else:
-                raise VideoDecodeError(p, f"frame {i} of {len(pts)} could not be decoded: the stream ended early")
+    wanted = sorted(set(order))
+    got: dict[int, np.ndarray] = {}
+    if table is None:  # no timestamps (raw streams): count the frames while decoding from the start
+        _validate(p, order, _count_packets(p))
+        _decode_from_start(p, wanted, None, threads, got)
+        return np.stack([got[i] for i in order])
+    pts, keys, key_dts = table
+    if not pts:
+        raise EmptyVideoError(p, f"the header lists {num_frames} frames but the file holds no frame data")
+    if wanted[-1] >= len(pts):
+        raise VideoDecodeError(p, f"the header lists {num_frames} frames but the file holds {len(pts)}; "
+                                  f"frame {wanted[-1]} was asked for (truncated?)")
+    # the first frame shown from each keyframe on: where a decode after a good seek starts
+    starts = {pts[j] for j in np.searchsorted(pts, keys) if j < len(pts)} if keys else {pts[0]}
+    gops: dict[int, list[int]] = {}  # keyframe -> the wanted frames decoded from it
+    for i in wanted:
+        gops.setdefault(keys[max(0, np.searchsorted(keys, pts[i], side="right") - 1)] if keys else pts[0], []).append(i)
+    total = decode_threads() if threads is None else threads or os.cpu_count() or 1
+    workers = min(len(gops), total, MAX_PARALLEL_GOPS)
+    first_key = keys[0] if keys else pts[0]
+
+    def read(gop: tuple[int, list[int]]) -> dict[int, np.ndarray]:
+        key, items = gop
+        share = threads if workers == 1 else max(1, total // workers)
+        return _read_gop(p, key, items, pts, starts, key_dts.get(key), key == first_key, share)
+
+    if workers <= 1:
+        parts = [read(gop) for gop in gops.items()]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(read, gops.items()))
+    for part in parts:
+        got.update(part)
+    _decode_from_start(p, wanted, pts, threads, got)  # what a seek did not reach, if any
     return np.stack([got[i] for i in order])
+
+
+def _read_gop(p: Path, key: int, items: list[int], pts: list[int], starts: set[int], key_dts: int | None,
+              at_start: bool, threads: int | None) -> dict[int, np.ndarray]:
+    """Frames `items` (sorted, all after keyframe `key`) from one open of the file: seek to the
+    keyframe (unless it is the first: a fresh open starts there), retried at its decoding time
+    (MPEG-TS seeks by it), then decode on. Frames it cannot reach (a seek that lands past its
+    target or inside a GOP, a stream that cannot seek, an early end) are left out."""
+    got: dict[int, np.ndarray] = {}
+    with _open(p) as c:
+        st = c.streams.video[0]
+        _set_threads(st, threads)
+        keep = starts | {pts[i] for i in items}  # frames that must be decoded, all others may be skipped
+        frames = _frames(c, st, keep)
+        landed = _decode_to(frames, pts[items[0]], None) if at_start else None
+        for seek in [] if at_start else [key] + ([key_dts] if key_dts not in (None, key) else []):
+            try:
+                c.seek(seek, stream=st, backward=True)
+            except av.error.FFmpegError:  # a stream that cannot seek back
+                return got
+            frames = _frames(c, st, keep)
+            landed = _decode_to(frames, pts[items[0]], starts)
+            if landed is not None:
+                break
+        for k, i in enumerate(items):
+            if k:
+                landed = _decode_to(frames, pts[i], None)
+            if landed is None or landed[1] is None:
+                return got
+            got[i] = _to_rgb(landed[1], _rotation(landed[1]))
+    return got
 
 
 def _read_decord(p: Path, order: list[int], num_frames: int) -> np.ndarray:
@@ -236,9 +352,11 @@ def read_frames(path: str | Path, indices: Sequence[int], backend: str = "auto",
                 threads: int | None = None) -> np.ndarray:
     """Return frames `indices` (any order, repeats allowed) as a uint8 RGB array (len(indices), H, W, 3).
 
-    backend: "pyav" (seek-based, decodes only the GOPs that hold the frames), "decord", or "auto":
-    PyAV, which needed no more CPU time than decord on any clip of scripts/bench_video.py (see
-    docs/benchmarks.md) and, unlike decord 0.6, reads VP9 and AV1; decord is tried where PyAV fails. Broken files raise a typed
+    backend: "pyav" (seek-based, decodes only the GOPs that hold the frames; from the start where the
+    file cannot seek or a seek lands wrong: raw streams, MPEG-TS), "decord", or "auto": PyAV, which
+    needed no more CPU time than decord on any clip of scripts/bench_video.py (see
+    docs/benchmarks.md) and, unlike decord 0.6, reads VP9 and AV1; decord is tried where PyAV
+    fails. Broken files raise a typed
     `VideoError` (for decord, after a PyAV probe, so decord never sees a file FFmpeg cannot open);
     indices outside the video raise IndexError. PyAV decodes with `threads` threads (default
     :func:`decode_threads`; 0 is FFmpeg's own choice, one per core).
