@@ -142,23 +142,30 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def kill_after_records(args: list[str], output: Path, records_before_kill: int) -> Path:
+    """Run ``python -m qalign_kvq.infer *args --output output`` and SIGKILL it once its records
+    file holds ``records_before_kill`` lines; returns the records file."""
+    records = infer.records_path(output)
+    proc = subprocess.Popen([sys.executable, "-m", "qalign_kvq.infer", *args, "--output", str(output)],
+                            env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if records.is_file() and records.read_text().count("\n") >= records_before_kill:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return records
+
+
 def test_killed_batch_resumes_to_the_same_file(checkpoint, good_videos, tmp_path, one_thread):
     args = ["--videos", str(good_videos), "--model", str(checkpoint), *FAST]
     whole = tmp_path / "whole.csv"
     assert infer.main([*args, "--output", str(whole)]) == 0
 
     killed = tmp_path / "killed.csv"
-    records = infer.records_path(killed)
-    proc = subprocess.Popen([sys.executable, "-m", "qalign_kvq.infer", *args, "--output", str(killed)],
-                            env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if records.is_file() and records.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    records = kill_after_records(args, killed, 2)
     half = records.read_text()
     assert 2 <= half.count("\n") < 6 and not killed.exists()
     # the worst case of a kill: half a line at the end (it is cut off on resume)

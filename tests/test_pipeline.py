@@ -8,9 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,14 @@ from qalign_kvq.scorer import Scorer
 from qalign_kvq.video import VideoError
 from qalign_kvq.view_batches import score_videos
 from tests.distributed_support import cpu_env, run_ranks, with_sitecustomize
-from tests.test_infer import FAST, ROOT, _env, _records, _strip_timing, checkpoint, good_videos  # noqa: F401
+from tests.test_infer import (  # noqa: F401 (checkpoint, good_videos: fixtures)
+    FAST,
+    _records,
+    _strip_timing,
+    checkpoint,
+    good_videos,
+    kill_after_records,
+)
 
 torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): records compared byte for byte
 
@@ -158,17 +162,7 @@ def test_a_killed_pipelined_run_resumes_to_the_same_file(checkpoint, good_videos
     whole = tmp_path / "whole.csv"
     assert infer.main([*args, "--output", str(whole)]) == 0
     killed = tmp_path / "killed.csv"
-    records = infer.records_path(killed)
-    proc = subprocess.Popen([sys.executable, "-m", "qalign_kvq.infer", *args, "--output", str(killed)],
-                            env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if records.is_file() and records.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    records = kill_after_records(args, killed, 2)
     assert 2 <= records.read_text().count("\n") < 6 and not killed.exists()
     assert infer.main([*args, "--output", str(killed)]) == 0
     assert killed.read_bytes() == whole.read_bytes()
