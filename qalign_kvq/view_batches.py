@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qalign_kvq.cpu_allocator import keep_freed_memory
 from qalign_kvq.families.base import ModelInputs
 from qalign_kvq.modeling import level_probs
 from qalign_kvq.pipeline import PreparedVideo, PrepareSpec, error_reason, prepared_videos, view_inputs
@@ -168,7 +169,10 @@ def score_videos(scorer, items: Sequence[tuple[str, str | os.PathLike]], workers
     """Score ``(name, path)`` items, yielding one :class:`Outcome` each in input order: prepared by
     ``workers`` DataLoader workers (0: here), forwarded here with ``scorer.options.batch_size``
     views per forward across videos. ``scorer.processor_device`` set: the processors run here,
-    on that device, the workers only read and cut views."""
+    on that device, the workers only read and cut views. Forwards on the CPU: glibc's malloc keeps
+    freed memory for the next forward (:func:`qalign_kvq.cpu_allocator.keep_freed_memory`)."""
+    if torch.device(scorer.device).type == "cpu":
+        keep_freed_memory()
     spec = spec_of(scorer, scorer.processor_device)
     limit = scorer.options.batch_size
     queues = [ForwardQueue(lm, i, scorer.device, scorer.dtype, limit) for i, lm in enumerate(scorer.models)]
