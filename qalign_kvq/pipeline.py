@@ -3,9 +3,10 @@ video, in ``torch.utils.data.DataLoader`` worker processes (``workers > 0``) or 
 process (``workers == 0``: one video after the other), delivered in input order while the main
 process runs the forwards (:mod:`qalign_kvq.view_batches`).
 
-Each video becomes a :class:`PreparedVideo`: the model inputs of each of its views for every model
-of the Scorer (each view its own processor call, so views of several videos can share a forward),
-the views themselves when the processor runs in the main process (``processor_device``), or the
+Each video becomes a :class:`PreparedVideo`: the model inputs of its views for every model of the
+Scorer (one processor call for all the views when a forward takes one video's views, as
+:meth:`~qalign_kvq.scorer.Scorer.score` makes them; else one call per view, so that views of
+several videos can share a forward), the views themselves when the processor runs in the main process (``processor_device``), or the
 reason the file could not be scored. An exception on a file is returned as data, so one bad file
 never stops the loader. A worker that dies on a file (a crash in a decoder, ``os._exit``, the
 kernel's OOM killer) is found by the in-flight slot each worker keeps: that file gets an error
@@ -82,18 +83,21 @@ def default_workers(videos: int, processes: int = 1) -> int:
 class PrepareSpec:
     """What preparing a video needs of a Scorer, without its models (it travels to the workers):
     the protocol, the frame cap of the models' context, per model ``(processor, family, question,
-    answer_prefix)``, the dtype of the pixel values, and whether the processor runs here."""
+    answer_prefix)``, the dtype of the pixel values, whether the processor runs here, and whether
+    each view is processed on its own (``per_view``: forwards gather views across videos)."""
 
     options: ViewOptions
     frame_cap: int | None
     processors: list[tuple[Any, Any, str, str]]
     dtype: torch.dtype | None = None
     process: bool = True
+    per_view: bool = False
 
 
 @dataclass
 class PreparedVideo:
-    """One video ready for the forwards: ``inputs[model][view]`` (or ``clips`` of the views when
+    """One video ready for the forwards: ``inputs[model]``, the rows of its views in view order
+    (one ModelInputs of all views, or one per view: :func:`view_inputs`; or ``clips`` of the views when
     the processor runs in the main process), the views' names and weights, or ``error`` (the
     record's reason) with the ``exception`` for the Python API."""
 
@@ -113,11 +117,14 @@ class PreparedVideo:
 
 
 def view_inputs(spec_entry: tuple[Any, Any, str, str], clips: Sequence[np.ndarray], timing: ClipTiming | None,
-                device: str | torch.device | None = None) -> list[ModelInputs]:
-    """One processor call per view (a row that can join any forward of its shape)."""
+                per_view: bool, device: str | torch.device | None = None) -> list[ModelInputs]:
+    """The model inputs of one video's views, in view order: one processor call for all of them
+    (one ModelInputs), or with ``per_view`` one call per view (rows that can join any forward of
+    their shape)."""
     processor, family, question, prefix = spec_entry
-    return [family.build_inputs(processor, [clip], question, timings=[timing], answer_prefix=prefix,
-                                device=device) for clip in clips]
+    parts = [[clip] for clip in clips] if per_view else [list(clips)]
+    return [family.build_inputs(processor, part, question, timings=[timing] * len(part), answer_prefix=prefix,
+                                device=device) for part in parts]
 
 
 def prepare(spec: PrepareSpec, index: int, name: str, path: str, threads: int | None = None) -> PreparedVideo:
@@ -136,7 +143,7 @@ def prepare(spec: PrepareSpec, index: int, name: str, path: str, threads: int | 
         t2 = time.perf_counter()
         inputs = None
         if spec.process:
-            inputs = [[row.to("cpu", spec.dtype) for row in view_inputs(entry, views.clips, timing)]
+            inputs = [[row.to("cpu", spec.dtype) for row in view_inputs(entry, views.clips, timing, spec.per_view)]
                       for entry in spec.processors]
         t3 = time.perf_counter()
     except Exception as err:  # noqa: BLE001 (the file's error, returned as data)

@@ -1,10 +1,11 @@
 """The forward side of batch scoring: views of several videos share a forward.
 
-Each view of a prepared video (:mod:`qalign_kvq.pipeline`) is one processor row. Rows of one
-model with the same shapes (the same tensor shapes but for the batch axis: the same text length,
-frame count, image size) are concatenated along the batch axis, at most ``options.batch_size``
-rows a forward (``--views-per-forward``; None: the views of one video), and the level
-probabilities are split back to their videos. Rows of one shape line up without padding, so a
+With ``options.batch_size`` (``--views-per-forward``) set, each view of a prepared video
+(:mod:`qalign_kvq.pipeline`) is one processor row; rows of one model with the same shapes (the
+same tensor shapes but for the batch axis: the same text length, frame count, image size) are
+concatenated along the batch axis, at most ``batch_size`` views a forward, and the level
+probabilities are split back to their videos. Without it a video's views are one row (one
+processor call), forwarded as they come. Rows of one shape line up without padding, so a
 view scores as it does in a forward of its own video's views, to float tolerance. A forward that
 fails on several videos is run again one video at a time, so that the error is the right video's.
 Results come out in input order, each as soon as all its views are scored.
@@ -64,7 +65,9 @@ def signature(inputs: ModelInputs) -> tuple:
 
 def concat(rows: Sequence[ModelInputs]) -> ModelInputs:
     """Rows of one :func:`signature` as one batch (tensors and lists joined along the batch axis;
-    packed pixel tensors too: the grids say whose patches are whose)."""
+    packed pixel tensors too: the grids say whose patches are whose); one row as it is."""
+    if len(rows) == 1:
+        return rows[0]
     batch = {}
     for key, first in rows[0].batch.items():
         values = [row.batch[key] for row in rows]
@@ -100,15 +103,17 @@ class _Video:
 
 @dataclass
 class _Row:
+    """Model inputs of views ``views`` of one video (one per batch row of ``inputs``)."""
+
     video: _Video
     model: int
-    view: int
+    views: range
     inputs: ModelInputs
 
 
 class ForwardQueue:
     """One model's rows waiting for a forward, gathered by shape; a group is forwarded when it
-    holds ``limit`` rows (None: at :meth:`flush`, i.e. per video)."""
+    holds ``limit`` views (None: at :meth:`flush`, i.e. per video)."""
 
     def __init__(self, lm, model_index: int, device, dtype, limit: int | None):
         self.lm, self.index, self.device, self.dtype, self.limit = lm, model_index, device, dtype, limit
@@ -122,7 +127,7 @@ class ForwardQueue:
                 self._forward(self.groups.popitem(last=False)[1])
             group = self.groups[key] = []
         group.append(row)
-        if self.limit is not None and len(group) >= self.limit:
+        if self.limit is not None and sum(len(r.views) for r in group) >= self.limit:
             self._forward(self.groups.pop(key))
 
     def flush(self) -> None:
@@ -149,19 +154,23 @@ class ForwardQueue:
             for video in videos:  # again one video at a time: the error goes to its own video
                 self._forward([r for r in live if r.video is video], again=False)
             return
-        for i, row in enumerate(live):
-            video = row.video
-            video.probs[self.index][row.view] = probs[i].astype(np.float64)
-            if self.index == 0 and row.inputs.visual_tokens is not None:
-                video.tokens[row.view] = row.inputs.visual_tokens[0]
-            video.model_s += seconds / len(live)
-            video.left -= 1
+        offset = 0
+        for row in live:
+            video, n = row.video, len(row.views)
+            for j, view in enumerate(row.views):
+                video.probs[self.index][view] = probs[offset + j].astype(np.float64)
+                if self.index == 0 and row.inputs.visual_tokens is not None:
+                    video.tokens[view] = row.inputs.visual_tokens[j]
+            offset += n
+            video.model_s += seconds * n / len(probs)
+            video.left -= n
 
 
 def spec_of(scorer, processor_device: str | None = None) -> PrepareSpec:
     """What the loader needs of ``scorer``; the processor runs in the loader unless on a device."""
     entries = [(lm.processor, lm.family, lm.meta.question, lm.meta.answer_prefix) for lm in scorer.models]
-    return PrepareSpec(scorer.options, scorer.frame_cap(), entries, scorer.dtype, process=processor_device is None)
+    return PrepareSpec(scorer.options, scorer.frame_cap(), entries, scorer.dtype, process=processor_device is None,
+                       per_view=scorer.options.batch_size is not None)
 
 
 def score_videos(scorer, items: Sequence[tuple[str, str | os.PathLike]], workers: int = 0, prefetch: int = 2
@@ -198,7 +207,8 @@ def _queue_rows(scorer, spec: PrepareSpec, video: _Video, queues: list[ForwardQu
     if rows is None:  # the processor runs here, on the processor device
         t0 = time.perf_counter()
         try:
-            rows = [view_inputs(entry, item.clips, item.timing, scorer.processor_device) for entry in spec.processors]
+            rows = [view_inputs(entry, item.clips, item.timing, spec.per_view, scorer.processor_device)
+                    for entry in spec.processors]
         except Exception as err:  # noqa: BLE001 (the video's error)
             video.fail(err)
             return
@@ -206,9 +216,12 @@ def _queue_rows(scorer, spec: PrepareSpec, video: _Video, queues: list[ForwardQu
             item.clips = None
         item.seconds["processor_s"] += time.perf_counter() - t0
     item.inputs = None  # the queues hold the rows now
-    for m, per_view in enumerate(rows):
-        for v, inputs in enumerate(per_view):
-            queues[m].add(_Row(video, m, v, inputs))
+    for m, model_rows in enumerate(rows):
+        start = 0
+        for inputs in model_rows:
+            n = len(inputs.level_positions)
+            queues[m].add(_Row(video, m, range(start, start + n), inputs))
+            start += n
 
 
 def _finished(scorer, waiting: deque[_Video]) -> Iterator[Outcome]:

@@ -17,7 +17,7 @@ from torch.utils.data import get_worker_info
 from qalign_kvq import infer, pipeline
 from qalign_kvq.scorer import Scorer
 from qalign_kvq.video import VideoError
-from qalign_kvq.view_batches import score_videos
+from qalign_kvq.view_batches import score_videos, spec_of
 from tests.distributed_support import cpu_env, run_ranks, with_sitecustomize
 from tests.test_infer import (  # noqa: F401 (checkpoint, good_videos: fixtures)
     FAST,
@@ -142,6 +142,14 @@ def test_views_of_several_videos_share_a_forward_with_the_same_scores(checkpoint
     assert sizes == [7, 7, 4]
     singles = [seven.score(path) for _, path in [items[0], items[2], items[3]]]
     assert [o.result.score for o in cut] == pytest.approx([r.score for r in singles], abs=1e-6)
+
+
+def test_a_video_is_one_processor_call_unless_forwards_gather_views(checkpoint, video_corpus):  # noqa: F811
+    # the rows each video's views travel in: one of all five, or (views of several videos a forward) one a view
+    for batch_size, rows in [(None, [5]), (10, [1] * 5)]:
+        spec = spec_of(Scorer.from_pretrained(str(checkpoint), device="cpu", frames=4, batch_size=batch_size))
+        prepared = pipeline.prepare(spec, 0, "landscape", str(video_corpus["landscape"]))
+        assert [len(row.level_positions) for row in prepared.inputs[0]] == rows
 
 
 def test_processor_on_a_device_scores_the_same(checkpoint, scorer, mixed):  # noqa: F811
