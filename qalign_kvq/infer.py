@@ -49,6 +49,7 @@ from qalign_kvq.batch_inputs import VIDEO_EXTENSIONS, UsageError, collect_inputs
 from qalign_kvq.loading import DEFAULT_MODEL
 from qalign_kvq.pipeline import DeviceError, WorkerError, default_workers, error_reason
 from qalign_kvq.records import (
+    RecordsError,
     append_record,
     check_shared_folder,
     drop_errors,
@@ -143,6 +144,12 @@ def plan_batch(args) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     records = records_path(output)
     order = {name: i for i, (name, _) in enumerate(inputs)}
+    try:  # every complete line a record before anything is changed
+        for path in [records, *part_files(records)]:
+            read_records(path)
+    except RecordsError as err:
+        return {"error": f"{err}: a line infer does not write; mend or remove it (nothing was changed), or "
+                         "write to another --output"}
     for path in [records, *part_files(records)]:
         repair_tail(path)
     merge_parts(records, order)  # leftovers of an interrupted multi-process run

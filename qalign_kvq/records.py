@@ -13,8 +13,12 @@ import io
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+
+class RecordsError(ValueError):
+    """A records file that is not what infer writes: the message names the file and the line."""
 
 
 def records_path(output: Path) -> Path:
@@ -22,13 +26,29 @@ def records_path(output: Path) -> Path:
     return output if output.suffix.lower() != ".csv" else output.with_name(output.name + ".jsonl")
 
 
+def parse_records(lines: Iterable[str], path: Path | str) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` of each non-blank line (``where``: ``path:line``); a line that is not a
+    JSON object with a ``file`` name raises :class:`RecordsError` naming it."""
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecordsError(f"{where}: not a JSON record ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("file"), str) or not record["file"]:
+            raise RecordsError(f"{where}: expected an object with a 'file' name")
+        yield where, record
+
+
 def read_records(path: Path) -> list[dict]:
-    """Complete records of a JSONL file (a last line without newline, from a kill, is ignored)."""
+    """Complete records of a JSONL file (a last line without newline, from a kill, is ignored); a
+    line that is not a record raises :class:`RecordsError`."""
     if not path.is_file():
         return []
-    text = path.read_text()
-    lines = text.split("\n")[:-1]  # only newline-terminated lines
-    return [json.loads(line) for line in lines if line.strip()]
+    lines = path.read_text().split("\n")[:-1]  # only newline-terminated lines
+    return [record for _, record in parse_records(lines, path)]
 
 
 def repair_tail(path: Path) -> None:

@@ -83,6 +83,20 @@ def test_usage_and_model_errors_exit_2(checkpoint, sample_video, tmp_path, capsy
     assert infer.main(["--video", str(sample_video), "--model", str(checkpoint), "--model-weight", "1", "2"]) == 2
 
 
+def test_an_output_with_a_line_infer_does_not_write_exits_2_untouched(checkpoint, video_corpus, tmp_path, capsys):
+    shutil.copy(video_corpus["landscape"], tmp_path / "a.mp4")
+    for bad, reason in [("{not json\n", "out.jsonl:2: not a JSON record"),
+                        ('{"score": 3.0}\n', "out.jsonl:2: expected an object with a 'file' name")]:
+        out = tmp_path / "out.jsonl"
+        text = '{"file": "old.mp4", "score": 2.5}\n' + bad + '{"file": "half'  # and a half-written last line
+        out.write_text(text)
+        assert infer.main(["--videos", str(tmp_path / "a.mp4"), "--model", str(checkpoint), "--output", str(out),
+                           *FAST]) == 2
+        err = capsys.readouterr().err
+        assert reason in err and "nothing was changed" in err
+        assert out.read_text() == text
+
+
 def test_attention_implementation_is_passed_to_the_model(checkpoint, sample_video, capsys):
     from qalign_kvq.scorer import Scorer
 

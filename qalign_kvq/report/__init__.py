@@ -17,7 +17,6 @@ error (bad arguments or records; no page written).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,13 +26,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qalign_kvq.records import RecordsError, parse_records
 from qalign_kvq.report.page import SORT_KEYS, Row, render_page
 
 __all__ = ["RecordsError", "build_report", "load_records", "main"]
-
-
-class RecordsError(ValueError):
-    """A records file that is not what infer writes: the message names the file and the line."""
 
 
 def _number(record: dict, key: str, where: str) -> float:
@@ -62,16 +58,7 @@ def load_records(path: str | os.PathLike) -> tuple[list[Row], list[dict], list[s
         raise RecordsError(f"{path}: cannot be read ({err})") from None
     by_file: dict[str, Row | dict] = {}
     words: list[str] | None = None
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise RecordsError(f"{where}: not a JSON record ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("file"), str) or not record["file"]:
-            raise RecordsError(f"{where}: expected an object with a 'file' name")
+    for where, record in parse_records(lines, path):
         name = record["file"]
         by_file.pop(name, None)  # a later record of the same file replaces it, at its own place
         if "error" in record:
