@@ -6,9 +6,10 @@ again. The threshold rises by itself once the process frees a large malloc'ed bl
 that also reads and preprocesses videos (the sequential scorer) gets there, the main process of
 the pipelined scorer does not (its inputs arrive in shared memory), and there the forwards spent a
 fifth of their time in page faults (the clips and a 22-layer model of scripts/bench_pipeline.py,
-one worker: 1.29 -> 1.04 s a forward, minor page faults 112,000 -> 18,000 a video). :func:`keep_freed_memory` fixes the thresholds at the values the
-dynamic rule reaches at most, the documented ``mallopt`` settings behind glibc's
-``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` variables.
+one worker: 1.29 -> 1.04 s a forward, minor page faults 112,000 -> 18,000 a video).
+:func:`keep_freed_memory` fixes the thresholds at the values the dynamic rule reaches at most,
+the documented ``mallopt`` settings behind glibc's ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` variables.
 """
 
 from __future__ import annotations

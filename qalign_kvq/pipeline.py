@@ -6,11 +6,11 @@ process runs the forwards (:mod:`qalign_kvq.view_batches`).
 Each video becomes a :class:`PreparedVideo`: the model inputs of its views for every model of the
 Scorer (one processor call for all the views when a forward takes one video's views, as
 :meth:`~qalign_kvq.scorer.Scorer.score` makes them; else one call per view, so that views of
-several videos can share a forward), the views themselves when the processor runs in the main process (``processor_device``), or the
-reason the file could not be scored. An exception on a file is returned as data, so one bad file
-never stops the loader. A worker that dies on a file (a crash in a decoder, ``os._exit``, the
-kernel's OOM killer) is found by the in-flight slot each worker keeps: that file gets an error
-record and a new loader goes on with the rest. Prefetch is bounded: at most ``workers x prefetch``
+several videos can share a forward), the views themselves when the processor runs in the main
+process (``processor_device``), or the reason the file could not be scored. An exception on a
+file is returned as data, so one bad file never stops the loader. A worker that dies on a file (a
+crash in a decoder, ``os._exit``, the kernel's OOM killer) is found by the in-flight slot each
+worker keeps: that file gets an error record and a new loader goes on with the rest. Prefetch is bounded: at most ``workers x prefetch``
 videos are prepared ahead of the forwards.
 """
 
@@ -97,8 +97,8 @@ class PrepareSpec:
 @dataclass
 class PreparedVideo:
     """One video ready for the forwards: ``inputs[model]``, the rows of its views in view order
-    (one ModelInputs of all views, or one per view: :func:`view_inputs`; or ``clips`` of the views when
-    the processor runs in the main process), the views' names and weights, or ``error`` (the
+    (one ModelInputs of all views, or one per view: :func:`view_inputs`; or ``clips`` of the views
+    when the processor runs in the main process), the views' names and weights, or ``error`` (the
     record's reason) with the ``exception`` for the Python API."""
 
     index: int
