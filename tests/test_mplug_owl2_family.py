@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,28 @@ def test_many_images_are_preprocessed_in_parallel_chunks_with_the_same_result(lo
     assert torch.equal(parallel, one_by_one)
     assert len(image_processor(images[:3])["pixel_values"]) == 3  # one chunk, no tensors asked: a list
     assert len(image_processor(images, return_tensors=None)["pixel_values"]) == 21
+
+
+def test_the_chunk_threads_follow_torchs_thread_count(loaded, monkeypatch):
+    # in a DataLoader worker (torch on 1 thread) the workers are the parallelism: no pool of 8 in each
+    image_processor = loaded[1].image_processor
+    images = [np.full((40, 60, 3), 7 * i, dtype=np.uint8) for i in range(24)]  # 3 chunks of 8
+    seen = []
+    chunk = type(image_processor)._preprocess_chunk
+
+    def recording(self, *args, **kwargs):
+        seen.append(threading.get_ident())
+        return chunk(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(image_processor), "_preprocess_chunk", recording)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert image_processor(images, return_tensors="pt")["pixel_values"].shape[0] == 24
+        assert set(seen) == {threading.get_ident()}  # in the calling thread
+        seen.clear()
+        torch.set_num_threads(2)
+        assert image_processor(images, return_tensors="pt")["pixel_values"].shape[0] == 24
+        assert len(seen) == 3 and threading.get_ident() not in seen and len(set(seen)) <= 2  # a pool of 2
+    finally:
+        torch.set_num_threads(threads)

@@ -9,7 +9,6 @@ slots is tokenized chunk by chunk, as the original ``tokenizer_image_token`` doe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -51,7 +50,9 @@ class MPLUGOwl2ImageProcessor(CLIPImageProcessorPil):
     #: Images per thread when a call holds many (the 60 views x frames of a scored video): PIL's
     #: resize and numpy release the GIL, so chunks run in parallel; the result is the same.
     chunk_size = 8
-    max_threads = min(8, os.cpu_count() or 1)
+    #: Most threads a call uses; fewer where torch's intra-op threads are fewer (1 in a DataLoader
+    #: worker: the workers are the parallelism there, as for the video reader).
+    max_threads = 8
 
     def preprocess(self, images, *args, **kwargs) -> BatchFeature:
         """``images``: one or a list of ``(H, W, 3)`` uint8 arrays or PIL images."""
@@ -59,9 +60,10 @@ class MPLUGOwl2ImageProcessor(CLIPImageProcessorPil):
             images = [images]
         images = list(images)
         chunks = [images[i : i + self.chunk_size] for i in range(0, len(images), self.chunk_size)]
-        if len(chunks) < 2 or self.max_threads < 2:
+        threads = min(self.max_threads, torch.get_num_threads(), len(chunks))
+        if threads < 2:
             return self._preprocess_chunk(images, *args, **kwargs)
-        with ThreadPoolExecutor(min(self.max_threads, len(chunks))) as pool:
+        with ThreadPoolExecutor(threads) as pool:
             parts = list(pool.map(lambda chunk: self._preprocess_chunk(chunk, *args, **kwargs), chunks))
         return BatchFeature({"pixel_values": _concat([part["pixel_values"] for part in parts])},
                             tensor_type=None)
