@@ -83,15 +83,18 @@ def default_workers(videos: int, processes: int = 1) -> int:
 class PrepareSpec:
     """What preparing a video needs of a Scorer, without its models (it travels to the workers):
     the protocol, the frame cap of the models' context, per model ``(processor, family, question,
-    answer_prefix)``, the dtype of the pixel values, whether the processor runs here, and whether
-    each view is processed on its own (``per_view``: forwards gather views across videos)."""
+    answer_prefix)``, the dtype of the pixel values, and whether the processor runs here."""
 
     options: ViewOptions
     frame_cap: int | None
     processors: list[tuple[Any, Any, str, str]]
     dtype: torch.dtype | None = None
     process: bool = True
-    per_view: bool = False
+
+    @property
+    def per_view(self) -> bool:
+        """Each view processed on its own: forwards gather views across videos (``batch_size`` set)."""
+        return self.options.batch_size is not None
 
 
 @dataclass

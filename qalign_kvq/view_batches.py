@@ -169,8 +169,7 @@ class ForwardQueue:
 def spec_of(scorer, processor_device: str | None = None) -> PrepareSpec:
     """What the loader needs of ``scorer``; the processor runs in the loader unless on a device."""
     entries = [(lm.processor, lm.family, lm.meta.question, lm.meta.answer_prefix) for lm in scorer.models]
-    return PrepareSpec(scorer.options, scorer.frame_cap(), entries, scorer.dtype, process=processor_device is None,
-                       per_view=scorer.options.batch_size is not None)
+    return PrepareSpec(scorer.options, scorer.frame_cap(), entries, scorer.dtype, process=processor_device is None)
 
 
 def score_videos(scorer, items: Sequence[tuple[str, str | os.PathLike]], workers: int = 0, prefetch: int = 2
