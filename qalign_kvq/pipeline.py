@@ -10,8 +10,8 @@ several videos can share a forward), the views themselves when the processor run
 process (``processor_device``), or the reason the file could not be scored. An exception on a
 file is returned as data, so one bad file never stops the loader. A worker that dies on a file (a
 crash in a decoder, ``os._exit``, the kernel's OOM killer) is found by the in-flight slot each
-worker keeps: that file gets an error record and a new loader goes on with the rest. Prefetch is bounded: at most ``workers x prefetch``
-videos are prepared ahead of the forwards.
+worker keeps: that file gets an error record and a new loader goes on with the rest. Prefetch is
+bounded: at most ``workers x prefetch`` videos are prepared ahead of the forwards.
 """
 
 from __future__ import annotations

@@ -221,12 +221,13 @@ def main() -> None:
             runs[name].append(r)
             print(f"| {round_} | {name} | --workers {workers} | {r['wall_s']:.1f} s | {r['videos_per_s']:.3f} videos/s "
                   f"| {r['cpu_s_per_video']:.2f} CPU s/video |", flush=True)
-    rate = {name: float(np.median([r["videos_per_s"] for r in rs])) for name, rs in runs.items() if rs}
-    piped = runs["pipelined, 1 worker"][0] if args.repeats else None
-    for name in ("sequential, 1 thread", "sequential, 2 threads") if args.repeats else ():
-        diff = float(np.max(np.abs(np.asarray(piped["scores"]) - np.asarray(runs[name][0]["scores"]))))
-        print(f"pipelined / {name} (medians of {args.repeats}): {rate['pipelined, 1 worker'] / rate[name]:.2f}x, "
-              f"max |score difference| {diff:.2e}")
+    if args.repeats:
+        rate = {name: float(np.median([r["videos_per_s"] for r in rs])) for name, rs in runs.items()}
+        piped = runs["pipelined, 1 worker"][0]
+        for name in ("sequential, 1 thread", "sequential, 2 threads"):
+            diff = float(np.max(np.abs(np.asarray(piped["scores"]) - np.asarray(runs[name][0]["scores"]))))
+            print(f"pipelined / {name} (medians of {args.repeats}): {rate['pipelined, 1 worker'] / rate[name]:.2f}x, "
+                  f"max |score difference| {diff:.2e}")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     if args.long:
         long = [clips[i % len(clips)] for i in range(args.long)]
